@@ -1,0 +1,443 @@
+"""Layered, typed configuration.
+
+A run's configuration is composed from YAML layers in ``conf/`` and then from the Flower
+run config (``flwr run . --run-config "..."``)::
+
+    schema defaults (the dataclasses below)
+      <- conf/base.yaml
+      <- conf/method/<method>.yaml
+      <- conf/dataset/<dataset>.yaml
+      <- conf/model/<model>.yaml
+      <- conf/experiment/<experiment>.yaml   (optional)
+      <- Flower run-config keys (``num-server-rounds``, ``alpha`` ...; see RUN_CONFIG_KEYS)
+      <- ``overrides`` (an OmegaConf dotlist for any nested key: "train.lr=0.05 model.depth=6")
+
+A Flower run-config value of ``""`` means "not set": the YAML layers decide. Which method,
+dataset and model files are read is decided by the selectors ``method.name``, ``data.name``
+and ``model.name``: the run config wins over the experiment, which wins over ``base.yaml``.
+
+The composed config is checked against the dataclasses (unknown keys, wrong types) and then
+for impossible values; every problem raises one :class:`ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+def _find_conf_dir() -> Path:
+    """``conf/`` beside the package (source tree, FAB) or inside it (wheel install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):
+        if (candidate / "base.yaml").is_file():
+            return candidate
+    return here.parent / "conf"
+
+
+CONF_DIR = _find_conf_dir()
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class PartitionConfig:
+    """How the training set is split over clients (flwr-datasets partitioners)."""
+
+    kind: str = "dirichlet"  # iid | dirichlet | pathological | natural
+    alpha: float = 0.5  # dirichlet concentration
+    min_size: int = 10  # dirichlet: minimum training examples per client
+    classes_per_client: int = 2  # pathological
+    id_key: str = "writer"  # natural: the column holding the natural client id
+
+
+@dataclass
+class DataConfig:
+    """Where a dataset comes from and how each client's splits are made."""
+
+    name: str = "digits"
+    # sklearn-digits | parquet | medmnist-npz | femnist-npz | hub
+    source: str = "sklearn-digits"
+    path: str | None = None  # local file or folder; relative paths are under data_dir
+    data_dir: str = "data"  # root for relative local paths
+    hub_id: str | None = None  # Hugging Face dataset id (source: hub)
+    hub_config: str | None = None  # Hugging Face dataset config name
+    image_key: str = "image"
+    label_key: str = "label"
+    num_classes: int = 10
+    in_chans: int = 1
+    image_size: int = 16  # side length images are served at (resized on the fly)
+    invert: bool = False  # FEMNIST: LEAF stores white background, dark ink
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    val_fraction: float = 0.1  # share of each client's training partition held out
+    test_fraction: float = 0.2  # sources without a test split: share held out as test
+    max_train_per_client: int | None = None  # optional cap (quick experiments)
+    cache_dir: str | None = None  # partition cache; default ~/.cache/fedvit/partitions
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """A timm VisionTransformer."""
+
+    name: str = "vit-tiny"
+    arch: str = "vit"
+    img_size: int | None = None  # None: data.image_size
+    patch_size: int = 4
+    embed_dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    pretrained: str | None = None  # local checkpoint path (state dict), never a hub
+
+
+@dataclass
+class MethodConfig:
+    """A pFL method: which groups stay private and which server/client classes run it."""
+
+    name: str = "fedper"
+    private: list[str] = field(default_factory=lambda: ["head"])
+    strategy: str = "personalized"  # key in fedvit.registry.STRATEGIES
+    client: str = "partial"  # key in fedvit.registry.CLIENTS
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific knobs
+
+
+@dataclass
+class TrainConfig:
+    """The client's local training."""
+
+    local_epochs: int = 1
+    local_steps: int | None = None  # if set, overrides local_epochs
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    amp: bool = True  # only on CUDA
+
+
+@dataclass
+class ServerConfig:
+    """Round structure, sampling, evaluation cadence, checkpoints."""
+
+    num_rounds: int = 3
+    fraction_train: float = 1.0
+    min_train_clients: int = 1
+    min_available_clients: int | None = None  # None: every client (clients.num_clients)
+    eval_every: int = 1
+    round_timeout: float = 3600.0
+    checkpoint: bool = True
+    resume: str | None = None  # a run directory (outputs/<run>) to continue
+
+
+@dataclass
+class ClientsConfig:
+    """The federation's clients."""
+
+    num_clients: int = 3
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    state_dir: str | None = None  # default: ~/.cache/fedvit/state/<run-name>/client-<id>
+    context_state_max_mb: float = 32.0  # private state above this goes to disk only
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = "outputs"
+    run_name: str | None = None  # default: <method>-<dataset>-<timestamp>
+    plots: bool = True
+
+
+@dataclass
+class FedvitConfig:
+    """The whole, validated configuration of one run."""
+
+    seed: int = 0
+    experiment: str | None = None
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# Flower run-config key -> dotted key in FedvitConfig.
+RUN_CONFIG_KEYS: dict[str, str] = {
+    "method": "method.name",
+    "dataset": "data.name",
+    "model": "model.name",
+    "experiment": "experiment",
+    "num-server-rounds": "server.num_rounds",
+    "num-clients": "clients.num_clients",
+    "fraction-train": "server.fraction_train",
+    "local-epochs": "train.local_epochs",
+    "partition": "data.partition.kind",
+    "alpha": "data.partition.alpha",
+    "data-dir": "data.data_dir",
+    "seed": "seed",
+    "output-dir": "output.dir",
+    "run-name": "output.run_name",
+    "eval-every": "server.eval_every",
+    "resume": "server.resume",
+}
+OVERRIDES_KEY = "overrides"
+
+PARTITION_KINDS = ("iid", "dirichlet", "pathological", "natural")
+DATA_SOURCES = ("sklearn-digits", "parquet", "medmnist-npz", "femnist-npz", "hub")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, what: str) -> DictConfig:
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"unknown {what} '{path.stem}' (no {path}); available: {available}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors
+        raise ConfigError(f"cannot parse {path}: {err}") from err
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping")
+    return cfg
+
+
+def _select(layers: list[DictConfig | dict], key: str) -> Any:
+    """The last non-empty value of dotted ``key`` across ``layers``."""
+    value = None
+    for layer in layers:
+        node = OmegaConf.create(layer) if isinstance(layer, dict) else layer
+        found = OmegaConf.select(node, key, default=None)
+        if found not in (None, ""):
+            value = found
+    return value
+
+
+def run_config_layer(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Turn Flower run-config keys into a nested override dict and a dotlist.
+
+    Unknown keys raise; ``""`` values are skipped (= not set).
+    """
+    nested: dict[str, Any] = {}
+    dotlist: list[str] = []
+    for key, value in run_config.items():
+        if key == OVERRIDES_KEY:
+            if not isinstance(value, str):
+                raise ConfigError(f"run-config '{OVERRIDES_KEY}' must be a string, got {value!r}")
+            dotlist = value.split()
+            continue
+        if key not in RUN_CONFIG_KEYS:
+            raise ConfigError(
+                f"unknown run-config key '{key}'; known keys: "
+                f"{sorted([*RUN_CONFIG_KEYS, OVERRIDES_KEY])}"
+            )
+        if value == "" or value is None:
+            continue
+        node = nested
+        *parents, leaf = RUN_CONFIG_KEYS[key].split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested, dotlist
+
+
+def _merge(layers: list[tuple[str, Any]]) -> DictConfig:
+    cfg = OmegaConf.structured(FedvitConfig)
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{source}: {_describe(err)}") from err
+    return cfg
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).split("\n")[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def load_config(
+    run_config: Mapping[str, Any] | None = None,
+    conf_dir: Path | str | None = None,
+) -> FedvitConfig:
+    """Compose, type-check and validate the configuration of a run."""
+    conf_dir = Path(conf_dir) if conf_dir is not None else CONF_DIR
+    rc_nested, dotlist = run_config_layer(run_config or {})
+    try:
+        dot_layer = OmegaConf.from_dotlist(dotlist)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"run-config '{OVERRIDES_KEY}': {_describe(err)}") from err
+    base = _read_yaml(conf_dir / "base.yaml", "base config")
+
+    experiment = _select([base, rc_nested, dot_layer], "experiment")
+    exp_layer = (
+        _read_yaml(conf_dir / "experiment" / f"{experiment}.yaml", "experiment")
+        if experiment
+        else OmegaConf.create({})
+    )
+    chosen: dict[str, str] = {}
+    layers: list[tuple[str, Any]] = [("conf/base.yaml", base)]
+    for key, folder in (("method.name", "method"), ("data.name", "dataset"), ("model.name", "model")):
+        name = _select([base, exp_layer, rc_nested, dot_layer], key)
+        if not name:
+            raise ConfigError(f"key '{key}': no {folder} selected")
+        chosen[key] = str(name)
+        path = conf_dir / folder / f"{name}.yaml"
+        layers.append((f"conf/{folder}/{name}.yaml", _read_yaml(path, folder)))
+    if experiment:
+        layers.append((f"conf/experiment/{experiment}.yaml", exp_layer))
+    layers.append(("run config", rc_nested))
+    layers.append((f"run-config '{OVERRIDES_KEY}'", dot_layer))
+    layers.append(("selectors", OmegaConf.from_dotlist([f"{k}={v}" for k, v in chosen.items()])))
+    merged = _merge(layers)
+    try:
+        cfg: FedvitConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from err
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"key '{key}': {msg}")
+
+
+def validate(cfg: FedvitConfig) -> None:
+    """Raise :class:`ConfigError` on the first impossible value."""
+    from fedvit.params import KNOWN_GROUP_PATTERNS, is_known_group
+    from fedvit.registry import CLIENTS, STRATEGIES
+
+    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    s, c, t, d, m = cfg.server, cfg.clients, cfg.train, cfg.data, cfg.model
+    _check(s.num_rounds >= 1, "server.num_rounds", f"must be >= 1, got {s.num_rounds}")
+    _check(0 < s.fraction_train <= 1, "server.fraction_train", f"must be in (0, 1], got {s.fraction_train}")
+    _check(s.min_train_clients >= 1, "server.min_train_clients", "must be >= 1")
+    _check(
+        s.min_train_clients <= c.num_clients,
+        "server.min_train_clients",
+        f"{s.min_train_clients} > clients.num_clients ({c.num_clients})",
+    )
+    if s.min_available_clients is not None:
+        _check(
+            1 <= s.min_available_clients <= c.num_clients,
+            "server.min_available_clients",
+            f"must be in [1, clients.num_clients={c.num_clients}], got {s.min_available_clients}",
+        )
+    _check(s.eval_every >= 1, "server.eval_every", f"must be >= 1, got {s.eval_every}")
+    _check(s.round_timeout > 0, "server.round_timeout", "must be > 0")
+    _check(c.num_clients >= 1, "clients.num_clients", f"must be >= 1, got {c.num_clients}")
+    _check(
+        c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
+        "clients.device",
+        f"must be auto, cpu, cuda or cuda:N, got '{c.device}'",
+    )
+    _check(c.context_state_max_mb >= 0, "clients.context_state_max_mb", "must be >= 0")
+    _check(t.local_epochs >= 1, "train.local_epochs", f"must be >= 1, got {t.local_epochs}")
+    if t.local_steps is not None:
+        _check(t.local_steps >= 1, "train.local_steps", f"must be >= 1, got {t.local_steps}")
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}, got '{t.optimizer}'")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    if t.grad_clip is not None:
+        _check(t.grad_clip > 0, "train.grad_clip", "must be > 0 (or null to disable)")
+    _check(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got '{d.source}'")
+    if d.source == "hub":
+        _check(bool(d.hub_id), "data.hub_id", "required when data.source is 'hub'")
+    elif d.source != "sklearn-digits":
+        _check(bool(d.path), "data.path", f"required when data.source is '{d.source}'")
+    _check(d.num_classes >= 2, "data.num_classes", "must be >= 2")
+    _check(d.in_chans in (1, 3), "data.in_chans", f"must be 1 or 3, got {d.in_chans}")
+    _check(d.image_size >= 1, "data.image_size", "must be >= 1")
+    _check(len(d.mean) == d.in_chans, "data.mean", f"needs {d.in_chans} values, got {len(d.mean)}")
+    _check(len(d.std) == d.in_chans, "data.std", f"needs {d.in_chans} values, got {len(d.std)}")
+    _check(all(v > 0 for v in d.std), "data.std", "must be > 0")
+    _check(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    _check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+    if d.max_train_per_client is not None:
+        _check(d.max_train_per_client >= 1, "data.max_train_per_client", "must be >= 1")
+    p = d.partition
+    _check(p.kind in PARTITION_KINDS, "data.partition.kind", f"must be one of {PARTITION_KINDS}, got '{p.kind}'")
+    _check(p.alpha > 0, "data.partition.alpha", f"must be > 0, got {p.alpha}")
+    _check(p.min_size >= 0, "data.partition.min_size", "must be >= 0")
+    _check(
+        1 <= p.classes_per_client <= d.num_classes,
+        "data.partition.classes_per_client",
+        f"must be in [1, data.num_classes={d.num_classes}], got {p.classes_per_client}",
+    )
+    _check(
+        p.kind != "natural" or d.source in ("femnist-npz", "hub"),
+        "data.partition.kind",
+        f"'natural' needs a dataset with a natural client id (femnist), not '{d.name}'",
+    )
+    _check(m.arch == "vit", "model.arch", f"only 'vit' exists so far, got '{m.arch}'")
+    img = m.img_size if m.img_size is not None else d.image_size
+    _check(img >= m.patch_size, "model.img_size", f"{img} is smaller than model.patch_size {m.patch_size}")
+    _check(img % m.patch_size == 0, "model.patch_size", f"{m.patch_size} does not divide the image size {img}")
+    _check(m.depth >= 1, "model.depth", "must be >= 1")
+    _check(m.embed_dim % m.num_heads == 0, "model.num_heads", f"{m.num_heads} does not divide model.embed_dim {m.embed_dim}")
+    _check(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+    _check(0 <= m.drop_rate < 1 and 0 <= m.drop_path_rate < 1, "model.drop_rate", "must be in [0, 1)")
+    if m.pretrained:
+        _check(Path(m.pretrained).expanduser().is_file(), "model.pretrained", f"no such file: {m.pretrained}")
+    for group in cfg.method.private:
+        _check(
+            is_known_group(group, m.depth),
+            "method.private",
+            f"unknown parameter group '{group}'; known: {KNOWN_GROUP_PATTERNS}",
+        )
+    _check(cfg.method.strategy in STRATEGIES, "method.strategy", f"must be one of {sorted(STRATEGIES)}")
+    _check(cfg.method.client in CLIENTS, "method.client", f"must be one of {sorted(CLIENTS)}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def to_dict(cfg: FedvitConfig) -> dict[str, Any]:
+    """Plain, JSON-serializable dict of a config."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: FedvitConfig) -> str:
+    """YAML text of a config (what ``outputs/<run>/config.yaml`` holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-serializable object."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_img_size(cfg: FedvitConfig) -> int:
+    """The side length images are resized to for the model."""
+    return cfg.model.img_size if cfg.model.img_size is not None else cfg.data.image_size
