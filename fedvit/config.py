@@ -32,6 +32,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+
 def _find_conf_dir() -> Path:
     """``conf/`` beside the package (source tree, FAB) or inside it (wheel install)."""
     here = Path(__file__).resolve().parent
@@ -250,8 +251,7 @@ def run_config_layer(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], lis
             continue
         if key not in RUN_CONFIG_KEYS:
             raise ConfigError(
-                f"unknown run-config key '{key}'; known keys: "
-                f"{sorted([*RUN_CONFIG_KEYS, OVERRIDES_KEY])}"
+                f"unknown run-config key '{key}'; known keys: {sorted([*RUN_CONFIG_KEYS, OVERRIDES_KEY])}"
             )
         if value == "" or value is None:
             continue
@@ -332,7 +332,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: FedvitConfig) -> None:
     """Raise :class:`ConfigError` on the first impossible value."""
     from fedvit.params import KNOWN_GROUP_PATTERNS, is_known_group
-    from fedvit.registry import CLIENTS, STRATEGIES
+    from fedvit.registry import clients, strategies
 
     _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     s, c, t, d, m = cfg.server, cfg.clients, cfg.train, cfg.data, cfg.model
@@ -386,7 +386,9 @@ def validate(cfg: FedvitConfig) -> None:
     if d.max_train_per_client is not None:
         _check(d.max_train_per_client >= 1, "data.max_train_per_client", "must be >= 1")
     p = d.partition
-    _check(p.kind in PARTITION_KINDS, "data.partition.kind", f"must be one of {PARTITION_KINDS}, got '{p.kind}'")
+    _check(
+        p.kind in PARTITION_KINDS, "data.partition.kind", f"must be one of {PARTITION_KINDS}, got '{p.kind}'"
+    )
     _check(p.alpha > 0, "data.partition.alpha", f"must be > 0, got {p.alpha}")
     _check(p.min_size >= 0, "data.partition.min_size", "must be >= 0")
     _check(
@@ -402,9 +404,15 @@ def validate(cfg: FedvitConfig) -> None:
     _check(m.arch == "vit", "model.arch", f"only 'vit' exists so far, got '{m.arch}'")
     img = m.img_size if m.img_size is not None else d.image_size
     _check(img >= m.patch_size, "model.img_size", f"{img} is smaller than model.patch_size {m.patch_size}")
-    _check(img % m.patch_size == 0, "model.patch_size", f"{m.patch_size} does not divide the image size {img}")
+    _check(
+        img % m.patch_size == 0, "model.patch_size", f"{m.patch_size} does not divide the image size {img}"
+    )
     _check(m.depth >= 1, "model.depth", "must be >= 1")
-    _check(m.embed_dim % m.num_heads == 0, "model.num_heads", f"{m.num_heads} does not divide model.embed_dim {m.embed_dim}")
+    _check(
+        m.embed_dim % m.num_heads == 0,
+        "model.num_heads",
+        f"{m.num_heads} does not divide model.embed_dim {m.embed_dim}",
+    )
     _check(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
     _check(0 <= m.drop_rate < 1 and 0 <= m.drop_path_rate < 1, "model.drop_rate", "must be in [0, 1)")
     if m.pretrained:
@@ -415,8 +423,13 @@ def validate(cfg: FedvitConfig) -> None:
             "method.private",
             f"unknown parameter group '{group}'; known: {KNOWN_GROUP_PATTERNS}",
         )
-    _check(cfg.method.strategy in STRATEGIES, "method.strategy", f"must be one of {sorted(STRATEGIES)}")
-    _check(cfg.method.client in CLIENTS, "method.client", f"must be one of {sorted(CLIENTS)}")
+    known_strategies, known_clients = strategies(), clients()
+    _check(
+        cfg.method.strategy in known_strategies,
+        "method.strategy",
+        f"must be one of {sorted(known_strategies)}",
+    )
+    _check(cfg.method.client in known_clients, "method.client", f"must be one of {sorted(known_clients)}")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,0 +1,143 @@
+"""The base pFL client: a Flower ``NumPyClient`` that keeps the private split at home.
+
+What crosses the wire (through the ClientApp adapter in ``fedvit.client_app``):
+
+* ``fit`` receives the shared parameters (in ``split.shared`` order), trains the
+  personalized model (shared + private parameters) locally, saves the private parameters
+  to its :class:`~fedvit.state.PrivateStore` and returns **only the shared parameters**,
+  the number of training examples and its metrics.
+* ``evaluate`` receives the latest aggregated shared parameters, combines them with its
+  own private parameters (its personalized model) and reports loss/accuracy on its own
+  validation and test splits. Nothing is trained and nothing private is returned.
+
+Override points for methods: :meth:`local_train` (what local training does, e.g. FedRep's
+alternating phases), :meth:`personalize_for_eval` (e.g. FedBABU's head fine-tuning) and
+:meth:`shared_update` (what is sent back, e.g. a pseudo-gradient instead of weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from torch import nn
+
+from fedvit.config import FedvitConfig
+from fedvit.params import ParameterSplit, check_arrays, get_arrays, set_arrays
+from fedvit.registry import register_client
+from fedvit.state import PrivateStore
+from fedvit.training import EvalResult, TrainResult, evaluate, make_loader, train_local
+
+
+@dataclass
+class ClientSetup:
+    """Everything a client needs, built once per message by the ClientApp adapter."""
+
+    cfg: FedvitConfig
+    client_id: int
+    model: nn.Module
+    split: ParameterSplit
+    data: Any  # fedvit.data.ClientDatasets
+    store: PrivateStore
+    device: torch.device
+
+
+@register_client("partial")
+class PartialClient(NumPyClient):
+    """Trains shared and private parameters together (FedAvg, Local, FedPer, FedBN ...)."""
+
+    def __init__(self, setup: ClientSetup) -> None:
+        self.setup = setup
+        self.cfg = setup.cfg
+        self.client_id = setup.client_id
+        self.model = setup.model
+        self.split = setup.split
+        self.data = setup.data
+        self.device = setup.device
+        self.shared_shapes = self.split.shapes(self.model, "shared")
+        self.private_shapes = self.split.shapes(self.model, "private")
+        private = setup.store.load(self.private_shapes)
+        if private:
+            set_arrays(self.model, private)
+
+    # ------------------------------------------------------------------ wire format
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        """The shared parameters, in ``split.shared`` order."""
+        arrays = get_arrays(self.model, self.split.shared)
+        return [arrays[k] for k in self.split.shared]
+
+    def set_parameters(self, parameters: list[np.ndarray]) -> None:
+        """Load shared parameters received from the server (``split.shared`` order)."""
+        if len(parameters) != len(self.split.shared):
+            raise ValueError(f"expected {len(self.split.shared)} shared arrays, got {len(parameters)}")
+        arrays = dict(zip(self.split.shared, parameters, strict=True))
+        check_arrays(arrays, self.shared_shapes, who="server")
+        set_arrays(self.model, arrays)
+
+    def save_private(self) -> None:
+        self.setup.store.save(get_arrays(self.model, self.split.private))
+
+    # ------------------------------------------------------------------ Flower API
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        self.set_parameters(parameters)
+        server_round = int(config.get("server-round", 0))
+        result = self.local_train(server_round)
+        self.save_private()
+        metrics = {
+            "train-loss": result.loss,
+            "train-acc": result.accuracy,
+            "num-steps": result.num_steps,
+        }
+        return self.shared_update(), len(self.data.train), metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
+        self.set_parameters(parameters)
+        self.personalize_for_eval(int(config.get("server-round", 0)))
+        test = self._eval(self.data.test)
+        val = self._eval(self.data.val)
+        metrics = {
+            "test-acc": test.accuracy,
+            "test-loss": test.loss,
+            "num-test": test.num_examples,
+            "val-acc": val.accuracy,
+            "val-loss": val.loss,
+            "num-val": val.num_examples,
+        }
+        return test.loss, test.num_examples, metrics
+
+    # ------------------------------------------------------------------ override points
+
+    def local_train(self, server_round: int) -> TrainResult:
+        """Train every trainable parameter (shared and private) on the local train split."""
+        loader = self.train_loader(server_round)
+        return train_local(self.model, loader, self.cfg.train, self.device)
+
+    def personalize_for_eval(self, server_round: int) -> None:
+        """Adapt the model before evaluation (no-op: the personalized model is used as is)."""
+
+    def shared_update(self) -> list[np.ndarray]:
+        """What goes back to the server: the shared parameters after local training."""
+        return self.get_parameters({})
+
+    # ------------------------------------------------------------------ helpers
+
+    def train_loader(self, server_round: int):
+        seed = self.cfg.seed * 1_000_003 + server_round * 10_007 + self.client_id
+        return make_loader(
+            self.data.train,
+            self.cfg.train.batch_size,
+            shuffle=True,
+            seed=seed,
+            workers=self.cfg.data.num_workers,
+        )
+
+    def _eval(self, dataset) -> EvalResult:
+        loader = make_loader(
+            dataset, self.cfg.train.eval_batch_size, shuffle=False, workers=self.cfg.data.num_workers
+        )
+        return evaluate(self.model, loader, self.device)

@@ -1,0 +1,160 @@
+"""Flower ClientApp: a thin adapter from Flower messages to the method's NumPyClient.
+
+Messages (what crosses the wire):
+
+* ``query`` (once per run): reply ``metrics`` = {``client-id``, ``num-train``, ``num-val``,
+  ``num-test``, ``train-hist``, ``test-hist``}. The server builds its node -> client map
+  from it, so per-client messages reach the right client.
+* ``train``: content ``arrays`` (the shared parameters by state-dict name, possibly
+  personalized by the server) and ``config`` (``server-round``, ``run-name``,
+  ``client-id``). Reply ``arrays`` (shared parameters only) and ``metrics``
+  (``num-examples``, ``client-id``, ``train-loss`` ...).
+* ``evaluate``: same content; reply ``metrics`` only (``test-acc``, ``val-acc`` ...).
+
+A client's identity is ``client-id`` from ``--node-config`` (deployment) or Flower's
+``partition-id`` (simulation). ``data-path``, ``state-dir`` and ``device`` in the node
+config point a real device at its own data, persistent state directory and accelerator.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch  # noqa: F401  (imported at module top, as Flower's ClientApp needs it)
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.base import ClientSetup
+from fedvit.config import FedvitConfig, fingerprint, load_config, to_dict
+from fedvit.params import ParameterSplit
+from fedvit.registry import get_client
+from fedvit.state import PrivateStore, default_state_dir
+from fedvit.training import resolve_device
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=8)
+def _config(items: tuple[tuple[str, Any], ...]) -> FedvitConfig:
+    return load_config(dict(items))
+
+
+def client_config(context: Context) -> FedvitConfig:
+    """The run's resolved config (cached per process)."""
+    return _config(tuple(sorted(context.run_config.items())))
+
+
+def client_identity(context: Context, cfg: FedvitConfig) -> int:
+    """This client's id: node-config ``client-id``, else Flower's ``partition-id``."""
+    node = context.node_config
+    raw = node.get("client-id", node.get("partition-id"))
+    if raw is None:
+        raise ValueError("node config needs 'client-id' (or Flower's 'partition-id') to identify this client")
+    client_id = int(raw)
+    if "data-path" not in node and not 0 <= client_id < cfg.clients.num_clients:
+        raise ValueError(
+            f"client id {client_id} is outside [0, clients.num_clients={cfg.clients.num_clients}); "
+            "start as many SuperNodes as num-clients, or give this node its own data-path"
+        )
+    return client_id
+
+
+def _state_dir(context: Context, cfg: FedvitConfig, run_name: str, client_id: int) -> Path:
+    node_dir = context.node_config.get("state-dir") or cfg.clients.state_dir
+    if node_dir:
+        # A device keeps one personal model per (method, model, dataset) across runs.
+        return Path(str(node_dir)).expanduser() / f"{cfg.method.name}-{cfg.model.name}-{cfg.data.name}"
+    return default_state_dir(run_name, client_id)
+
+
+def build_setup(message: Message | None, context: Context) -> ClientSetup:
+    """Build the model, split, data and private store of this client for one message."""
+    from fedvit.data import load_client_datasets
+    from fedvit.models import build_model
+
+    cfg = client_config(context)
+    client_id = client_identity(context, cfg)
+    config = message.content.config_records.get("config", {}) if message is not None else {}
+    sent_id = config.get("client-id")
+    if sent_id is not None and int(sent_id) != client_id:
+        raise ValueError(f"message for client {sent_id} reached client {client_id}")
+    run_name = str(config.get("run-name", "default"))
+    model = build_model(cfg)
+    split = ParameterSplit.from_model(model, cfg.method.private)
+    data_path = context.node_config.get("data-path")
+    data = load_client_datasets(cfg, client_id, data_path=str(data_path) if data_path else None)
+    store = PrivateStore(
+        _state_dir(context, cfg, run_name, client_id),
+        fingerprint=fingerprint(
+            {
+                "method": cfg.method.name,
+                "model": to_dict(cfg)["model"],
+                "private": split.shapes(model, "private"),
+            }
+        ),
+        context_state=context.state,
+        context_max_bytes=int(cfg.clients.context_state_max_mb * 2**20),
+    )
+    device = resolve_device(str(context.node_config.get("device", cfg.clients.device)))
+    return ClientSetup(cfg, client_id, model, split, data, store, device)
+
+
+def make_client(message: Message, context: Context):
+    setup = build_setup(message, context)
+    return get_client(setup.cfg.method.client)(setup)
+
+
+def _config_dict(message: Message) -> dict[str, Any]:
+    record = message.content.config_records.get("config")
+    return dict(record) if record is not None else {}
+
+
+def _received(message: Message, client) -> list:
+    record = message.content.array_records.get("arrays", ArrayRecord())
+    arrays = {k: v.numpy() for k, v in record.items()}
+    expected = set(client.split.shared)
+    if set(arrays) != expected:
+        unknown, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
+        raise ValueError(f"server sent unknown {unknown[:5]} / lacks {missing[:5]} shared parameters")
+    return [arrays[k] for k in client.split.shared]
+
+
+@app.query()
+def identify(message: Message, context: Context) -> Message:
+    """Tell the server who this node is and how much data it holds."""
+    setup = build_setup(None, context)
+    data = setup.data
+    metrics = MetricRecord(
+        {
+            "client-id": setup.client_id,
+            "num-train": len(data.train),
+            "num-val": len(data.val),
+            "num-test": len(data.test),
+            "train-hist": [int(v) for v in data.label_histograms["train"]],
+            "test-hist": [int(v) for v in data.label_histograms["test"]],
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Local training; replies with the shared split only."""
+    client = make_client(message, context)
+    params, num_examples, metrics = client.fit(_received(message, client), _config_dict(message))
+    arrays = ArrayRecord({k: Array(v) for k, v in zip(client.split.shared, params, strict=True)})
+    reply = MetricRecord({**metrics, "num-examples": num_examples, "client-id": client.client_id})
+    return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate this client's personalized model on its own val and test splits."""
+    client = make_client(message, context)
+    loss, num_examples, metrics = client.evaluate(_received(message, client), _config_dict(message))
+    reply = MetricRecord(
+        {**metrics, "loss": loss, "num-examples": num_examples, "client-id": client.client_id}
+    )
+    return Message(RecordDict({"metrics": reply}), reply_to=message)

@@ -1,0 +1,69 @@
+"""The configurable Vision Transformer (timm's ``VisionTransformer``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from fedvit.config import FedvitConfig, model_img_size
+
+log = logging.getLogger(__name__)
+
+
+def build_vit(cfg: FedvitConfig) -> VisionTransformer:
+    """A timm ViT sized by ``cfg.model`` for ``cfg.data`` (channels, classes, image size)."""
+    m = cfg.model
+    return VisionTransformer(
+        img_size=model_img_size(cfg),
+        patch_size=m.patch_size,
+        in_chans=cfg.data.in_chans,
+        num_classes=cfg.data.num_classes,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        qkv_bias=m.qkv_bias,
+        drop_rate=m.drop_rate,
+        drop_path_rate=m.drop_path_rate,
+    )
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+    """Load a local state dict (``torch.save`` file; a ``{"model": sd}`` wrapper works too).
+
+    Keys whose shape differs (e.g. a head for another number of classes) are skipped and
+    returned, so a backbone trained on one dataset can start a federation on another.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained: no such file: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"model.pretrained: {path} has keys this model lacks: {unknown[:5]}")
+    skipped = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    if skipped:
+        log.info("pretrained: kept the fresh init for %s (shape differs)", skipped)
+    return skipped
+
+
+def build_model(cfg: FedvitConfig) -> nn.Module:
+    """Build the model of a run with a seeded initialization.
+
+    Every client and the server build the same initial weights from ``cfg.seed``, so the
+    private parts start where the shared parts start (as in FedPer's reference code).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_vit(cfg)
+    if cfg.model.pretrained:
+        load_pretrained(model, cfg.model.pretrained)
+    return model

@@ -1,0 +1,224 @@
+"""A run's outputs: ``outputs/<run>/`` with config, results, metrics and plots.
+
+Files (schema in ``docs/results.md``):
+
+* ``config.yaml``: the resolved configuration.
+* ``results.json``: rewritten atomically after every round; ``status`` is ``running`` until
+  the last round, then ``completed``. Per-client metrics of every evaluated round,
+  their summary statistics, the resource counts and the final summary.
+* ``metrics.csv``: one row per evaluated round (summary statistics).
+* ``clients.csv``: one row per (round, client).
+* ``accuracy.png`` (mean client accuracy per round), ``clients.png`` (per-client accuracy
+  distribution at the last evaluated round and over rounds).
+* ``checkpoint/``: the server's state after the last finished round (see strategies.base).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedvit.evaluation import summarize
+
+SCHEMA = "fedvit.results/1"
+EVAL_METRICS = ("test-acc", "test-loss", "val-acc", "val-loss")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def default_run_name(method: str, dataset: str) -> str:
+    return f"{method}-{dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _key(metric: str) -> str:
+    return metric.replace("-", "_")
+
+
+class RunRecorder:
+    """Collects what happens in a run and writes it to the run directory."""
+
+    def __init__(self, run_dir: Path, header: dict[str, Any], plots: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.plots = plots
+        self.t0 = time.time()
+        self.data: dict[str, Any] = {
+            "schema": SCHEMA,
+            **header,
+            "status": "running",
+            "started_at": datetime.now().isoformat(timespec="seconds"),
+            "clients": {},
+            "resources": {},
+            "rounds": [],
+            "summary": {},
+        }
+
+    # ------------------------------------------------------------------ resume
+
+    @classmethod
+    def resume(
+        cls, run_dir: Path, header: dict[str, Any], upto_round: int, plots: bool = True
+    ) -> RunRecorder:
+        """Continue the record of ``run_dir``, keeping the rounds up to ``upto_round``."""
+        rec = cls(run_dir, header, plots)
+        path = rec.run_dir / "results.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            rec.data["rounds"] = [r for r in old.get("rounds", []) if r["round"] <= upto_round]
+            rec.data["clients"] = old.get("clients", {})
+            rec.data["started_at"] = old.get("started_at", rec.data["started_at"])
+            rec.data["resumed_at_round"] = upto_round
+        return rec
+
+    # ------------------------------------------------------------------ recording
+
+    def set_clients(self, info: dict[int, dict[str, Any]]) -> None:
+        self.data["clients"] = {str(cid): info[cid] for cid in sorted(info)}
+
+    def set_resources(self, resources: dict[str, Any]) -> None:
+        self.data["resources"] = resources
+
+    def _round(self, server_round: int) -> dict[str, Any]:
+        rounds = self.data["rounds"]
+        if not rounds or rounds[-1]["round"] != server_round:
+            rounds.append({"round": server_round})
+        return rounds[-1]
+
+    def record_train(
+        self,
+        server_round: int,
+        per_client: dict[int, dict[str, float]],
+        rejected: dict[str, str],
+        failures: list[str],
+    ) -> None:
+        entry = self._round(server_round)
+        entry["train"] = {
+            "clients": sorted(per_client),
+            "per_client": {str(c): per_client[c] for c in sorted(per_client)},
+            "rejected": rejected,
+            "failures": failures,
+            "loss": summarize({c: m.get("train-loss") for c, m in per_client.items()}),
+        }
+
+    def record_eval(
+        self, server_round: int, per_client: dict[int, dict[str, float]], failures: list[str]
+    ) -> dict:
+        entry = self._round(server_round)
+        weights = {c: m.get("num-test", 0) for c, m in per_client.items()}
+        val_weights = {c: m.get("num-val", 0) for c, m in per_client.items()}
+        ev: dict[str, Any] = {
+            "per_client": {str(c): per_client[c] for c in sorted(per_client)},
+            "failures": failures,
+        }
+        for metric in EVAL_METRICS:
+            w = val_weights if metric.startswith("val") else weights
+            ev[_key(metric)] = summarize({c: m.get(metric) for c, m in per_client.items()}, w)
+        entry["eval"] = ev
+        return ev
+
+    def end_round(self, server_round: int) -> None:
+        self._round(server_round)["elapsed_s"] = round(time.time() - self.t0, 3)
+        self.data["summary"] = self._summary()
+        self.write()
+
+    def finish(self) -> None:
+        self.data["status"] = "completed"
+        self.data["finished_at"] = datetime.now().isoformat(timespec="seconds")
+        self.data["summary"] = self._summary()
+        self.write()
+        if self.plots:
+            from fedvit.plots import plot_run
+
+            plot_run(self.data, self.run_dir)
+
+    # ------------------------------------------------------------------ outputs
+
+    def _summary(self) -> dict[str, Any]:
+        evaluated = [r for r in self.data["rounds"] if "eval" in r and r["eval"]["test_acc"].get("n", 0) > 0]
+        if not evaluated:
+            return {"rounds_completed": len(self.data["rounds"])}
+
+        def pick(r: dict) -> dict:
+            return {"round": r["round"], **{_key(m): r["eval"][_key(m)] for m in EVAL_METRICS}}
+
+        last = evaluated[-1]
+        with_val = [r for r in evaluated if r["eval"]["val_acc"].get("n", 0) > 0]
+        best = max(with_val, key=lambda r: (r["eval"]["val_acc"]["mean"], r["round"])) if with_val else last
+        return {
+            "rounds_completed": len(self.data["rounds"]),
+            "last_round": pick(last),
+            "best_val_round": pick(best),
+            "selection": "round with the highest unweighted mean validation accuracy (never test)",
+        }
+
+    def write(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "results.json", json.dumps(self.data, indent=1, default=float))
+        atomic_write_text(self.run_dir / "metrics.csv", self._metrics_csv())
+        atomic_write_text(self.run_dir / "clients.csv", self._clients_csv())
+
+    def _metrics_csv(self) -> str:
+        cols = ["round", "elapsed_s", "train_loss_mean", "num_train_clients"]
+        for m in EVAL_METRICS:
+            cols += [f"{_key(m)}_{s}" for s in ("mean", "weighted_mean", "std", "q10", "q50", "q90")]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        for r in self.data["rounds"]:
+            row: dict[str, Any] = {"round": r["round"], "elapsed_s": r.get("elapsed_s")}
+            if "train" in r:
+                row["train_loss_mean"] = r["train"]["loss"].get("mean")
+                row["num_train_clients"] = len(r["train"]["clients"])
+            if "eval" in r:
+                for m in EVAL_METRICS:
+                    for s in ("mean", "weighted_mean", "std", "q10", "q50", "q90"):
+                        row[f"{_key(m)}_{s}"] = r["eval"][_key(m)].get(s)
+            w.writerow(row)
+        return buf.getvalue()
+
+    def _clients_csv(self) -> str:
+        cols = [
+            "round",
+            "client_id",
+            "train_loss",
+            "train_acc",
+            *(_key(m) for m in EVAL_METRICS),
+            "num_test",
+            "num_val",
+        ]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        for r in self.data["rounds"]:
+            train = r.get("train", {}).get("per_client", {})
+            ev = r.get("eval", {}).get("per_client", {})
+            for cid in sorted({*train, *ev}, key=int):
+                t, e = train.get(cid, {}), ev.get(cid, {})
+                row = {
+                    "round": r["round"],
+                    "client_id": cid,
+                    "train_loss": t.get("train-loss"),
+                    "train_acc": t.get("train-acc"),
+                    "num_test": e.get("num-test"),
+                    "num_val": e.get("num-val"),
+                }
+                row.update({_key(m): e.get(m) for m in EVAL_METRICS})
+                w.writerow(row)
+        return buf.getvalue()

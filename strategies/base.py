@@ -1,0 +1,442 @@
+"""The base personalized-FL strategy on Flower's Message API.
+
+What crosses the wire each round:
+
+* ``query`` (once, and for nodes that join later): the server asks each node who it is;
+  the reply's ``client-id`` builds the node -> client map, so per-client messages reach
+  the right client.
+* ``train``: to each sampled client, ``arrays`` = the shared parameters for *that*
+  client (:meth:`PersonalizedStrategy.client_arrays`; the same global weights by
+  default) and ``config`` = {``server-round``, ``run-name``, ``client-id``}. The reply
+  carries the client's shared parameters (never private ones) and ``num-examples``.
+* The server checks each reply against the shared split (names, shapes, finite values;
+  bad replies are rejected and logged), then :meth:`aggregate_shared` (sample-weighted
+  mean by default) produces the new shared parameters.
+* ``evaluate`` (every ``eval-every`` rounds and after the last): **every** known client
+  gets the aggregated shared parameters, combines them with its private ones and reports
+  its personalized model's test and validation metrics; per-client numbers are kept.
+
+After each round the strategy checkpoints (shared arrays, its own state, the round) so a
+run can resume; subclasses with more server state extend :meth:`state_dict` /
+:meth:`load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+
+from fedvit.params import UpdateError, check_arrays
+from fedvit.registry import register_strategy
+from fedvit.results import RunRecorder, atomic_write_text
+
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+
+
+@dataclass
+class ClientUpdate:
+    """One client's accepted training reply."""
+
+    client_id: int
+    node_id: int
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def weighted_mean(updates: list[ClientUpdate], keys: Iterable[str]) -> dict[str, np.ndarray]:
+    """Sample-weighted mean of the clients' arrays (float64 accumulation)."""
+    total = float(sum(u.num_examples for u in updates))
+    if total <= 0:
+        raise ValueError("cannot average updates with zero total examples")
+    out = {}
+    for k in keys:
+        acc = sum(u.arrays[k].astype(np.float64) * (u.num_examples / total) for u in updates)
+        out[k] = np.asarray(acc, dtype=updates[0].arrays[k].dtype)
+    return out
+
+
+@register_strategy("personalized")
+class PersonalizedStrategy(FedAvg):
+    """FedAvg over the shared split with per-client messages, checkpoints and per-client
+    evaluation of personalized models. FedAvg, Local and FedPer are this class with
+    different private groups."""
+
+    def __init__(
+        self,
+        *,
+        shared_shapes: Mapping[str, tuple[int, ...]],
+        num_clients: int,
+        fraction_train: float = 1.0,
+        min_train_clients: int = 1,
+        min_available_clients: int | None = None,
+        eval_every: int = 1,
+        seed: int = 0,
+        run_name: str = "run",
+        recorder: RunRecorder | None = None,
+        checkpoint_dir: Path | None = None,
+    ) -> None:
+        min_available = min_available_clients if min_available_clients is not None else num_clients
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=1.0,
+            min_train_nodes=min_train_clients,
+            min_evaluate_nodes=1,
+            min_available_nodes=min_available,
+            weighted_by_key="num-examples",
+        )
+        self.shared_shapes = {k: tuple(v) for k, v in shared_shapes.items()}
+        self.num_clients = num_clients
+        self.eval_every = eval_every
+        self.seed = seed
+        self.run_name = run_name
+        self.recorder = recorder
+        self.checkpoint_dir = checkpoint_dir
+        self.node_to_client: dict[int, int] = {}
+        self.client_info: dict[int, dict[str, Any]] = {}
+        self.num_rounds = 0
+        self._current: ArrayRecord | None = None
+
+    @classmethod
+    def from_config(cls, cfg, *, model, split, recorder, run_dir: Path, run_name: str, **kwargs: Any):
+        """Build from a :class:`~fedvit.config.FedvitConfig` (subclasses add their knobs)."""
+        return cls(
+            shared_shapes=split.shapes(model, "shared"),
+            num_clients=cfg.clients.num_clients,
+            fraction_train=cfg.server.fraction_train,
+            min_train_clients=cfg.server.min_train_clients,
+            min_available_clients=cfg.server.min_available_clients,
+            eval_every=cfg.server.eval_every,
+            seed=cfg.seed,
+            run_name=run_name,
+            recorder=recorder,
+            checkpoint_dir=run_dir / "checkpoint" if cfg.server.checkpoint else None,
+            **kwargs,
+        )
+
+    def summary(self) -> None:
+        log(
+            INFO,
+            "\t├──> %s: %d shared tensors, %d clients",
+            type(self).__name__,
+            len(self.shared_shapes),
+            self.num_clients,
+        )
+        super().summary()
+
+    # ------------------------------------------------------------------ override points
+
+    def client_arrays(self, server_round: int, client_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The shared parameters sent to ``client_id`` (default: the same for everyone)."""
+        return arrays
+
+    def client_config(self, server_round: int, client_id: int, config: ConfigRecord) -> ConfigRecord:
+        """The config sent to ``client_id``: the round's config plus its identity."""
+        out = ConfigRecord(dict(config))
+        out["server-round"] = server_round
+        out["run-name"] = self.run_name
+        out["client-id"] = client_id
+        return out
+
+    def aggregate_shared(
+        self, server_round: int, updates: list[ClientUpdate], current: ArrayRecord | None
+    ) -> ArrayRecord:
+        """New shared parameters from accepted updates (sample-weighted mean)."""
+        return to_record(weighted_mean(updates, self.shared_shapes))
+
+    def check_update(self, update: ClientUpdate) -> None:
+        """Raise :class:`UpdateError` for a reply that must not be aggregated."""
+        check_arrays(update.arrays, self.shared_shapes, who=f"client {update.client_id}")
+        if update.num_examples <= 0:
+            raise UpdateError(
+                f"client {update.client_id}: num-examples must be > 0, got {update.num_examples}"
+            )
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Extra server state to checkpoint: (arrays, JSON-serializable dict)."""
+        return {}, {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    # ------------------------------------------------------------------ client identity
+
+    def discover(self, grid: Grid, timeout: float) -> None:
+        """Wait for enough nodes, then ask every unknown node for its client id."""
+        deadline = time.time() + timeout
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+            if time.time() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} of {self.min_available_nodes} clients connected in {timeout}s"
+                )
+            log(INFO, "Waiting for clients: %d of %d connected", len(nodes), self.min_available_nodes)
+            time.sleep(1.0)
+        unknown = [n for n in nodes if n not in self.node_to_client]
+        if not unknown:
+            return
+        config = ConfigRecord({"run-name": self.run_name})
+        messages = [
+            Message(content=RecordDict({CONFIG: config}), message_type=MessageType.QUERY, dst_node_id=n)
+            for n in unknown
+        ]
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
+                continue
+            metrics = dict(reply.content[METRICS])
+            cid = int(metrics.pop("client-id"))
+            if cid in self.node_to_client.values():
+                other = next(n for n, c in self.node_to_client.items() if c == cid)
+                if other in nodes:
+                    raise ValueError(f"nodes {other} and {node} both claim client id {cid}")
+                del self.node_to_client[other]  # the client reconnected as a new node
+            self.node_to_client[node] = cid
+            self.client_info[cid] = {k.replace("-", "_"): v for k, v in metrics.items()}
+        if self.recorder is not None:
+            self.recorder.set_clients(self.client_info)
+        log(INFO, "Clients: %s", dict(sorted((c, n) for n, c in self.node_to_client.items())))
+
+    def _live_nodes(self, grid: Grid) -> list[int]:
+        live = set(grid.get_node_ids())
+        return sorted((n for n in self.node_to_client if n in live), key=self.node_to_client.__getitem__)
+
+    def sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """Seeded sample of ``fraction_train`` of the live clients (at least ``min_train_nodes``)."""
+        nodes = self._live_nodes(grid)
+        size = min(len(nodes), max(self.min_train_nodes, round(self.fraction_train * len(nodes))))
+        rng = random.Random(self.seed * 100_003 + server_round)
+        return sorted(rng.sample(nodes, size), key=self.node_to_client.__getitem__)
+
+    # ------------------------------------------------------------------ Flower Strategy API
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = []
+        for node in self.sample_nodes(server_round, grid):
+            cid = self.node_to_client[node]
+            content = RecordDict(
+                {
+                    ARRAYS: self.client_arrays(server_round, cid, arrays),
+                    CONFIG: self.client_config(server_round, cid, config),
+                }
+            )
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        log(INFO, "configure_train: %d clients", len(messages))
+        return messages
+
+    def _split_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
+        ok, failures = [], []
+        for msg in replies:
+            if msg.has_error():
+                node = msg.metadata.src_node_id
+                who = f"client {self.node_to_client.get(node, '?')} (node {node})"
+                failures.append(f"{who}: {msg.error.reason}")
+                log(WARNING, "%s failed: %s", who, msg.error.reason)
+            else:
+                ok.append(msg)
+        return ok, failures
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ok, failures = self._split_replies(replies)
+        updates: list[ClientUpdate] = []
+        rejected: dict[str, str] = {}
+        per_client: dict[int, dict[str, float]] = {}
+        for msg in ok:
+            node = msg.metadata.src_node_id
+            cid = self.node_to_client.get(node, -1)
+            try:
+                metrics = dict(msg.content[METRICS])
+                arrays = to_numpy(msg.content[ARRAYS]) if ARRAYS in msg.content.array_records else {}
+                update = ClientUpdate(cid, node, arrays, int(metrics.get("num-examples", 0)), metrics)
+                if int(metrics.get("client-id", cid)) != cid:
+                    raise UpdateError(
+                        f"node {node} answered as client {metrics.get('client-id')}, expected {cid}"
+                    )
+                self.check_update(update)
+            except (UpdateError, KeyError, TypeError, ValueError) as err:
+                rejected[str(cid)] = str(err)
+                log(WARNING, "Rejected update of client %d (node %d): %s", cid, node, err)
+                continue
+            updates.append(update)
+            per_client[cid] = {k: v for k, v in metrics.items() if k not in ("client-id",)}
+        if self.recorder is not None:
+            self.recorder.record_train(server_round, per_client, rejected, failures)
+        if not updates:
+            log(WARNING, "Round %d: no acceptable update; shared parameters unchanged", server_round)
+            return None, None
+        aggregated = self.aggregate_shared(server_round, updates, self._current)
+        losses = [u.metrics.get("train-loss", float("nan")) for u in updates]
+        return aggregated, MetricRecord(
+            {"train-loss": float(np.nanmean(losses)), "num-clients": len(updates)}
+        )
+
+    def should_evaluate(self, server_round: int) -> bool:
+        return server_round % self.eval_every == 0 or server_round == self.num_rounds
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.should_evaluate(server_round):
+            return []
+        messages = []
+        for node in self._live_nodes(grid):
+            cid = self.node_to_client[node]
+            content = RecordDict(
+                {
+                    ARRAYS: self.client_arrays(server_round, cid, arrays),
+                    CONFIG: self.client_config(server_round, cid, config),
+                }
+            )
+            messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        ok, failures = self._split_replies(replies)
+        per_client: dict[int, dict[str, float]] = {}
+        for msg in ok:
+            metrics = dict(msg.content[METRICS])
+            cid = int(metrics.pop("client-id", self.node_to_client.get(msg.metadata.src_node_id, -1)))
+            per_client[cid] = metrics
+        if not per_client or self.recorder is None:
+            return None
+        ev = self.recorder.record_eval(server_round, per_client, failures)
+        t = ev["test_acc"]
+        return MetricRecord(
+            {
+                "test-acc-mean": t.get("mean", float("nan")),
+                "test-acc-weighted": t.get("weighted_mean", float("nan")),
+                "test-acc-std": t.get("std", float("nan")),
+                "val-acc-mean": ev["val_acc"].get("mean", float("nan")),
+                "num-clients": len(per_client),
+            }
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Atomically replace ``checkpoint/`` with the state after ``server_round``."""
+        if self.checkpoint_dir is None:
+            return
+        tmp = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.savez(tmp / "arrays.npz", **to_numpy(arrays))
+        extra_arrays, extra_state = self.state_dict()
+        np.savez(tmp / "strategy.npz", **extra_arrays)
+        state = {
+            "round": server_round,
+            "run_name": self.run_name,
+            "strategy": type(self).__name__,
+            "state": extra_state,
+        }
+        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+        old = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.checkpoint_dir.exists():
+            self.checkpoint_dir.rename(old)
+        tmp.rename(self.checkpoint_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, checkpoint_dir: Path) -> tuple[int, ArrayRecord]:
+        """Restore the state saved by :meth:`save_checkpoint`; returns (round, shared arrays)."""
+        state_path = checkpoint_dir / "state.json"
+        if not state_path.is_file():
+            raise FileNotFoundError(f"server.resume: no checkpoint in {checkpoint_dir} (missing state.json)")
+        state = json.loads(state_path.read_text())
+        if state.get("strategy") != type(self).__name__:
+            raise ValueError(
+                f"server.resume: checkpoint of {state.get('strategy')}, this run uses {type(self).__name__}"
+            )
+        with np.load(checkpoint_dir / "arrays.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        check_arrays(arrays, self.shared_shapes, who=f"checkpoint {checkpoint_dir}")
+        with np.load(checkpoint_dir / "strategy.npz") as z:
+            extra = {k: z[k] for k in z.files}
+        self.load_state_dict(extra, state.get("state", {}))
+        return int(state["round"]), to_record(arrays)
+
+    # ------------------------------------------------------------------ the loop
+
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Any = None,
+        start_round: int = 1,
+    ) -> Result:
+        """Run rounds ``start_round..num_rounds`` (``start_round > 1`` when resuming)."""
+        self.num_rounds = num_rounds
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        result = Result()
+        arrays = initial_arrays
+        self.summary()
+        self.discover(grid, timeout)
+        for rnd in range(start_round, num_rounds + 1):
+            t0 = time.time()
+            self.discover(grid, timeout)  # nodes that joined since
+            self._current = arrays
+            replies = grid.send_and_receive(
+                self.configure_train(rnd, arrays, train_config, grid), timeout=timeout
+            )
+            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+                result.arrays = arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[rnd] = train_metrics
+            eval_metrics = None
+            eval_messages = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
+            if eval_messages:
+                replies = grid.send_and_receive(eval_messages, timeout=timeout)
+                eval_metrics = self.aggregate_evaluate(rnd, replies)
+                if eval_metrics is not None:
+                    result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            if self.recorder is not None:
+                self.recorder.end_round(rnd)
+            self.save_checkpoint(rnd, arrays)
+            self._progress(rnd, train_metrics, eval_metrics, time.time() - t0)
+        result.arrays = arrays
+        return result
+
+    def _progress(
+        self, rnd: int, train: MetricRecord | None, ev: MetricRecord | None, seconds: float
+    ) -> None:
+        parts = [f"round {rnd}/{self.num_rounds}", f"{seconds:.1f}s"]
+        if train is not None:
+            parts.append(f"train loss {train['train-loss']:.4f} ({int(train['num-clients'])} clients)")
+        if ev is not None:
+            parts.append(
+                f"test acc {ev['test-acc-mean']:.4f} ± {ev['test-acc-std']:.4f} "
+                f"(weighted {ev['test-acc-weighted']:.4f}), val acc {ev['val-acc-mean']:.4f}"
+            )
+        log(INFO, "[fedvit] %s", " | ".join(parts))

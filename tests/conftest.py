@@ -1,0 +1,26 @@
+"""Shared fixtures: isolate every test's caches and state directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(
+    os.environ.get("FEDVIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client state goes to a per-test directory; the partition cache to a per-session one."""
+    monkeypatch.setenv("FEDVIT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The staged real datasets (``../shared/data``); skips the test when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"staged data not found at {SHARED_DATA}")
+    return SHARED_DATA

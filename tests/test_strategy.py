@@ -1,0 +1,165 @@
+"""The base personalized strategy: identity, per-client messages, aggregation of the shared
+split only, rejection of bad updates, evaluation of every client, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from fedvit.inprocess import InProcessGrid
+from fedvit.results import RunRecorder
+from strategies.base import ClientUpdate, PersonalizedStrategy, to_record, weighted_mean
+
+SHAPES = {"w": (2,), "b": (1,)}
+
+
+def numpy_client(behaviour: dict[int, str] | None = None, seen: dict | None = None):
+    """A numpy-only ClientApp: client i adds (i + 1) to every shared array and reports
+    num-examples = 10 * (i + 1); ``behaviour[i]`` makes it misbehave."""
+    behaviour = behaviour or {}
+
+    def app(msg: Message, ctx: Context) -> Message:
+        cid = int(ctx.node_config["partition-id"])
+        kind = msg.metadata.message_type
+        if kind == "query":
+            return Message(
+                RecordDict({"metrics": MetricRecord({"client-id": cid, "num-train": 10 * (cid + 1)})}),
+                reply_to=msg,
+            )
+        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        if seen is not None:
+            seen.setdefault(kind, []).append((cid, {k: v.copy() for k, v in arrays.items()}))
+        if kind == "evaluate":
+            m = {
+                "client-id": cid,
+                "test-acc": 0.1 * (cid + 1),
+                "test-loss": 1.0,
+                "num-test": 5 * (cid + 1),
+                "val-acc": 0.5,
+                "val-loss": 1.0,
+                "num-val": 2,
+                "num-examples": 5 * (cid + 1),
+            }
+            return Message(RecordDict({"metrics": MetricRecord(m)}), reply_to=msg)
+        mode = behaviour.get(cid)
+        if mode == "raise":
+            raise RuntimeError("disk full")
+        out = {k: v + (cid + 1) for k, v in arrays.items()}
+        if mode == "nan":
+            out["w"] = np.array([np.nan, 0.0], np.float32)
+        if mode == "extra-key":
+            out["head.weight"] = np.zeros(3, np.float32)
+        if mode == "wrong-shape":
+            out["w"] = np.zeros(3, np.float32)
+        metrics = MetricRecord({"client-id": cid, "num-examples": 10 * (cid + 1), "train-loss": 0.5})
+        record = ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in out.items()})
+        return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def make_strategy(tmp_path: Path, **kwargs) -> PersonalizedStrategy:
+    recorder = RunRecorder(tmp_path / "run", {"run_name": "t", "method": "x", "dataset": "y"}, plots=False)
+    kw = {
+        "shared_shapes": SHAPES,
+        "num_clients": 3,
+        "recorder": recorder,
+        "checkpoint_dir": tmp_path / "run" / "checkpoint",
+        "run_name": "t",
+    }
+    kw.update(kwargs)
+    return PersonalizedStrategy(**kw)
+
+
+def initial() -> ArrayRecord:
+    return to_record({"w": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)})
+
+
+def test_weighted_mean_weights_by_examples() -> None:
+    ups = [
+        ClientUpdate(0, 1, {"w": np.array([1.0, 2.0])}, 1),
+        ClientUpdate(1, 2, {"w": np.array([5.0, 6.0])}, 3),
+    ]
+    np.testing.assert_allclose(weighted_mean(ups, ["w"])["w"], [4.0, 5.0])
+
+
+def test_a_round_averages_shared_arrays_by_examples(tmp_path: Path) -> None:
+    strategy = make_strategy(tmp_path)
+    grid = InProcessGrid({}, 3, client_app=numpy_client())
+    result = strategy.start(grid, initial(), num_rounds=1)
+    # client i sends 0 + (i+1) with weight 10 (i+1): sum (i+1)^2 / sum (i+1) = 14 / 6
+    np.testing.assert_allclose(result.arrays["w"].numpy(), [14 / 6] * 2, rtol=1e-6)
+    assert sorted(strategy.node_to_client.values()) == [0, 1, 2]
+    assert all(node != cid for node, cid in strategy.node_to_client.items())
+
+
+@pytest.mark.parametrize("mode", ["nan", "extra-key", "wrong-shape", "raise"])
+def test_a_bad_update_is_rejected_logged_and_not_aggregated(tmp_path: Path, mode: str) -> None:
+    strategy = make_strategy(tmp_path)
+    grid = InProcessGrid({}, 3, client_app=numpy_client({2: mode}))
+    result = strategy.start(grid, initial(), num_rounds=1)
+    # only clients 0 and 1: (1*10 + 2*20) / 30
+    np.testing.assert_allclose(result.arrays["w"].numpy(), [50 / 30] * 2, rtol=1e-6)
+    train = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]["train"]
+    assert train["clients"] == [0, 1]
+    problems = train["rejected"].get("2", "") + " ".join(train["failures"])
+    assert {"nan": "NaN", "extra-key": "unknown", "wrong-shape": "shape", "raise": "disk full"}[
+        mode
+    ] in problems
+
+
+def test_per_client_messages_reach_the_right_client(tmp_path: Path) -> None:
+    class PerClient(PersonalizedStrategy):
+        def client_arrays(self, server_round, client_id, arrays):
+            return to_record({k: v.numpy() + 100 * client_id for k, v in arrays.items()})
+
+    seen: dict = {}
+    strategy = make_strategy(tmp_path)
+    strategy.__class__ = PerClient
+    strategy.start(InProcessGrid({}, 3, client_app=numpy_client(seen=seen)), initial(), num_rounds=1)
+    for cid, arrays in seen["train"]:
+        np.testing.assert_allclose(arrays["w"], [100 * cid] * 2)
+
+
+def test_every_client_is_evaluated_and_summarized(tmp_path: Path) -> None:
+    strategy = make_strategy(tmp_path, fraction_train=0.34)
+    seen: dict = {}
+    strategy.start(InProcessGrid({}, 3, client_app=numpy_client(seen=seen)), initial(), num_rounds=2)
+    assert all(len([c for c, _ in seen["train"]]) == 2 for _ in [0])  # 1 client per round x 2 rounds
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    for r in data["rounds"]:
+        assert len(r["train"]["clients"]) == 1
+        ev = r["eval"]
+        assert sorted(ev["per_client"], key=int) == ["0", "1", "2"]
+        assert ev["test_acc"]["mean"] == pytest.approx(0.2)
+        assert ev["test_acc"]["weighted_mean"] == pytest.approx((0.1 * 5 + 0.2 * 10 + 0.3 * 15) / 30)
+        assert ev["test_acc"]["q50"] == pytest.approx(0.2)
+
+
+def test_eval_every_skips_rounds_but_always_evaluates_the_last(tmp_path: Path) -> None:
+    strategy = make_strategy(tmp_path, eval_every=2)
+    strategy.start(InProcessGrid({}, 3, client_app=numpy_client()), initial(), num_rounds=3)
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [("eval" in r) for r in data["rounds"]] == [False, True, True]
+
+
+def test_checkpoint_restores_round_and_arrays(tmp_path: Path) -> None:
+    strategy = make_strategy(tmp_path)
+    result = strategy.start(InProcessGrid({}, 3, client_app=numpy_client()), initial(), num_rounds=2)
+    fresh = make_strategy(tmp_path)
+    last, arrays = fresh.load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert last == 2
+    np.testing.assert_array_equal(arrays["w"].numpy(), result.arrays["w"].numpy())
+
+
+def test_sampling_is_seeded(tmp_path: Path) -> None:
+    a = make_strategy(tmp_path, fraction_train=0.5, seed=1)
+    b = make_strategy(tmp_path, fraction_train=0.5, seed=1)
+    grid = InProcessGrid({}, 3, client_app=numpy_client())
+    a.discover(grid, 5)
+    b.discover(grid, 5)
+    assert [a.sample_nodes(r, grid) for r in range(1, 6)] == [b.sample_nodes(r, grid) for r in range(1, 6)]
