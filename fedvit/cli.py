@@ -1,0 +1,233 @@
+"""The ``fedvit`` command.
+
+    fedvit run [APP_DIR] [--run-config "k=v ..."]... [--federation-config "k=v ..."]...
+               [--superlink NAME] [--timeout S] [--quiet] [--flwr-home DIR]
+    fedvit partition [--run-config "k=v ..."]... [--top N] [--json]
+    fedvit config [--run-config "k=v ..."]... [--json]
+
+``--run-config`` takes Flower's syntax (``"method='fedper' num-server-rounds=5"``, or a ``.toml``
+file) and may be repeated; later values win. Bare words are strings (``method=fedper``).
+
+Exit codes: 0 success; 1 the run failed (or its machinery did); 2 a configuration error (one
+line on stderr); 124 the run timed out; 130 interrupted (Ctrl-C); 128+N killed by signal N.
+
+Adding a subcommand: write ``_add_<name>(subparsers)`` that registers its parser and sets
+``func`` (a ``(args) -> int`` handler) with ``set_defaults``, and append it to :data:`COMMANDS`.
+Handlers import what they need lazily, so ``fedvit config`` stays fast; raise
+:class:`~fedvit.config.ConfigError` for user errors. Planned: ``report``, ``study``, ``bench``,
+``export``, ``pretrain`` (see docs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fedvit.config import ConfigError
+
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
+
+
+def _err(msg: str) -> None:
+    print(f"fedvit: {msg}", file=sys.stderr, flush=True)
+
+
+def _add_run_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--run-config",
+        action="append",
+        metavar="'k=v ...'|FILE.toml",
+        help="run-config overrides in Flower's syntax, e.g. \"method='fedper' num-server-rounds=5\" "
+        "or a .toml file; repeatable, later values win",
+    )
+
+
+def _run_config(args: argparse.Namespace) -> dict[str, Any]:
+    from fedvit.runner import load_kv_args
+
+    return load_kv_args(args.run_config, "run-config")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a federation with flwr run; fails loudly",
+        description="Run the app with `flwr run` on a private, throwaway SuperLink (or on --superlink), "
+        "stream its log, and exit non-zero unless it ends as finished:completed. The config is "
+        "validated here first; relative paths are made absolute against the current directory.",
+    )
+    p.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR", help="Flower app (default: .)")
+    _add_run_config_arg(p)
+    p.add_argument(
+        "--federation-config",
+        action="append",
+        metavar="'k=v ...'",
+        help='simulation settings, e.g. "num-supernodes=5 client-resources-num-gpus=0.5"; '
+        "default num-supernodes = clients.num_clients, client-resources-num-cpus=1",
+    )
+    p.add_argument(
+        "--superlink",
+        metavar="NAME",
+        help="submit to this SuperLink connection of FLWR_HOME/config.toml (deployment) instead of "
+        "starting a private one; nothing is started or torn down then",
+    )
+    p.add_argument("--flwr-home", metavar="DIR", help="FLWR_HOME to use (default: a temp dir for local runs)")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop the run after S seconds (exit 124)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not stream the run's log")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedvit.runner import describe, run_flwr
+
+    fed_extra = _kv(args.federation_config, "federation-config")
+    num = fed_extra.pop("num-supernodes", None)
+    cpus = fed_extra.pop("client-resources-num-cpus", 1)
+    gpus = fed_extra.pop("client-resources-num-gpus", 0.0)
+    outcome = run_flwr(
+        args.app_dir,
+        _run_config(args),
+        num_supernodes=num,
+        cpus_per_client=cpus,
+        gpus_per_client=gpus,
+        federation_config_extra=fed_extra,
+        superlink=args.superlink,
+        flwr_home=args.flwr_home,
+        timeout_s=args.timeout,
+        stream=not args.quiet,
+        progress=None if args.quiet else _err,
+    )
+    if outcome.ok:
+        print(describe(outcome), flush=True)
+        return 0
+    # Streamed logs already showed the end of the run; a quiet run shows its tail now.
+    _err(describe(outcome, log_lines=25 if args.quiet else 0))
+    return outcome.returncode or 1
+
+
+def _kv(values: list[str] | None, what: str) -> dict[str, Any]:
+    from fedvit.runner import load_kv_args
+
+    return load_kv_args(values, what)
+
+
+# --------------------------------------------------------------------------- partition
+
+
+def _add_partition(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "partition",
+        help="preview how the data is split over clients",
+        description="Build (or load from cache) the partition of a config and print per-client split "
+        "sizes and label histograms.",
+    )
+    _add_run_config_arg(p)
+    p.add_argument("--top", type=int, default=4, help="most frequent labels shown per client (default 4)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.set_defaults(func=_cmd_partition)
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from fedvit.config import load_config
+    from fedvit.data import format_partition_table, summarize_partition
+
+    cfg = load_config(_run_config(args))
+    summary = summarize_partition(cfg)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    title = f"{cfg.data.name}: {cfg.data.partition.kind} over {cfg.clients.num_clients} clients"
+    table = format_partition_table(summary, top=args.top, title=title)
+    if isinstance(table, str):
+        print(table)
+    else:
+        from rich.console import Console
+
+        Console(width=max(100, _terminal_width())).print(table)
+    return 0
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((120, 24)).columns
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config",
+        help="print the resolved configuration",
+        description="Compose the YAML layers and the run config, validate, and print the result.",
+    )
+    _add_run_config_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    p.set_defaults(func=_cmd_config)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from fedvit.config import load_config, to_dict, to_yaml
+
+    cfg = load_config(_run_config(args))
+    if args.json:
+        print(json.dumps(to_dict(cfg), indent=2))
+    else:
+        print(to_yaml(cfg), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+#: One function per subcommand; each registers its parser (see the module docstring).
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_partition, _add_config]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedvit",
+        description="Personalized federated learning of Vision Transformers on Flower.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedvit`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        _err(f"error: {err}")
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:  # SIGTERM / SIGHUP during a run (after its teardown)
+        code = exc.code if isinstance(exc.code, int) else 1
+        if code >= 128:
+            _err(f"terminated by signal {code - 128}")
+        return code
+    except Exception as err:  # machinery failures: one line, not a traceback
+        from fedvit.runner import RunnerError
+
+        if isinstance(err, RunnerError | OSError):
+            _err(f"error: {err}")
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
