@@ -100,6 +100,11 @@ class PrivateStore:
         if not arrays:
             return
         arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        for k, v in arrays.items():
+            if v.dtype.kind not in "fiub":
+                raise StateError(
+                    f"private parameter '{k}' has dtype {v.dtype}; only numeric arrays are stored"
+                )
         _atomic_write(self.arrays_path, lambda f: np.savez(f, **arrays))
         meta = {"fingerprint": self.fingerprint, "shapes": {k: list(v.shape) for k, v in arrays.items()}}
         _atomic_write(self.meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))

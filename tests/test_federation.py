@@ -1,0 +1,154 @@
+"""Whole rounds in one process (the real ServerApp logic and ClientApp handlers, no Ray):
+privacy of the split, persistence of private state, evaluation of personalized models
+after aggregation, results, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedvit.config import load_config
+from fedvit.inprocess import InProcessGrid
+from fedvit.server_app import run
+
+TINY = "model.depth=2 model.embed_dim=32 model.num_heads=2 train.batch_size=64"
+
+
+def run_config(tmp_path: Path, method: str, rounds: int = 2, extra: str = "", **kw) -> dict:
+    rc = {
+        "method": method,
+        "num-server-rounds": rounds,
+        "num-clients": 3,
+        "output-dir": str(tmp_path / "out"),
+        "run-name": method,
+        "overrides": f"{TINY} data.cache_dir={tmp_path / 'cache'} output.plots=false {extra}",
+    }
+    rc.update(kw)
+    return rc
+
+
+def federate(tmp_path: Path, method: str, rounds: int = 2, extra: str = "", **kw):
+    rc = run_config(tmp_path, method, rounds, extra, **kw)
+    grid = InProcessGrid(rc, 3)
+    run_dir = run(grid, load_config(rc))
+    return grid, json.loads((run_dir / "results.json").read_text()), run_dir
+
+
+@pytest.fixture
+def capture_replies(monkeypatch):
+    """Record every reply a ClientApp returns."""
+    from fedvit import client_app
+
+    replies = []
+    original = client_app.app.__call__
+
+    def spy(self, message, context):
+        reply = original(message, context)
+        replies.append((message.metadata.message_type, context.node_config["partition-id"], reply))
+        return reply
+
+    monkeypatch.setattr(type(client_app.app), "__call__", spy)
+    return replies
+
+
+def stored_private(cid: int, run_name: str) -> dict[str, np.ndarray]:
+    from fedvit.state import default_state_dir
+
+    with np.load(default_state_dir(run_name, cid) / "private.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_fedper_sends_only_the_shared_split_and_keeps_the_head(tmp_path: Path, capture_replies) -> None:
+    federate(tmp_path, "fedper")
+    trains = [(cid, r) for kind, cid, r in capture_replies if kind == "train"]
+    assert len(trains) == 6
+    for cid, reply in trains:
+        keys = set(reply.content["arrays"].keys())
+        assert keys and not keys & {"head.weight", "head.bias", "norm.weight", "norm.bias"}
+        private = stored_private(cid, "fedper")
+        assert set(private) == {"head.weight", "head.bias", "norm.weight", "norm.bias"}
+        sent = [v.numpy().tobytes() for v in reply.content["arrays"].values()]
+        assert not any(p.tobytes() in sent for p in private.values())  # no private value under another name
+
+
+def test_local_sends_nothing_and_clients_diverge(tmp_path: Path, capture_replies) -> None:
+    _, results, _ = federate(tmp_path, "local")
+    for kind, _, reply in capture_replies:
+        if kind == "train":
+            assert len(reply.content["arrays"]) == 0
+    heads = [stored_private(c, "local")["head.weight"] for c in range(3)]
+    assert not np.allclose(heads[0], heads[1])
+    assert results["resources"]["params_sent_up_per_round"] == 0
+
+
+def test_private_state_carries_over_between_rounds(tmp_path: Path, capture_replies) -> None:
+    federate(tmp_path, "fedper", rounds=1)
+    after_one = stored_private(0, "fedper")["head.weight"]
+    from fedvit.models import build_model
+
+    init = build_model(load_config(run_config(tmp_path, "fedper"))).state_dict()["head.weight"].numpy()
+    assert not np.allclose(after_one, init)  # trained, not re-initialized
+
+
+def test_reported_accuracy_is_the_personalized_model_after_aggregation(tmp_path: Path) -> None:
+    _, results, run_dir = federate(tmp_path, "fedper")
+    cfg = load_config(run_config(tmp_path, "fedper"))
+    from fedvit.data import load_client_datasets
+    from fedvit.models import build_model
+    from fedvit.params import set_arrays
+    from fedvit.training import evaluate, make_loader
+
+    with np.load(run_dir / "checkpoint" / "arrays.npz") as z:
+        shared = {k: z[k] for k in z.files}  # the aggregated shared parameters
+    last = results["rounds"][-1]["eval"]["per_client"]
+    for cid in range(3):
+        model = build_model(cfg)
+        set_arrays(model, shared)
+        set_arrays(model, stored_private(cid, "fedper"))
+        data = load_client_datasets(cfg, cid)
+        res = evaluate(model, make_loader(data.test, 256, shuffle=False), __import__("torch").device("cpu"))
+        assert res.accuracy == pytest.approx(last[str(cid)]["test-acc"])
+        assert res.num_examples == last[str(cid)]["num-test"]
+
+
+def test_results_hold_per_client_numbers_summaries_and_resources(tmp_path: Path) -> None:
+    _, results, run_dir = federate(tmp_path, "fedavg", rounds=2)
+    assert results["status"] == "completed"
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for r in results["rounds"]:
+        assert sorted(r["eval"]["per_client"], key=int) == ["0", "1", "2"]
+        for key in ("mean", "weighted_mean", "std", "q10", "q50", "q90"):
+            assert key in r["eval"]["test_acc"]
+    assert set(results["clients"]) == {"0", "1", "2"}
+    res = results["resources"]
+    assert res["params_private_per_client"] == 0
+    assert res["params_sent_up_per_round"] == res["params_stored_per_client"] == res["params_model"]
+    assert res["flops_per_sample"] > 0
+    assert results["summary"]["best_val_round"]["round"] in (1, 2)
+    for name in ("config.yaml", "metrics.csv", "clients.csv"):
+        assert (run_dir / name).is_file()
+
+
+def test_fedavg_and_fedper_learn_on_digits(tmp_path: Path) -> None:
+    """A sanity bar, not a benchmark: after a few rounds the personalized models beat chance."""
+    _, results, _ = federate(tmp_path, "fedper", rounds=4, extra="train.local_epochs=2")
+    assert results["summary"]["last_round"]["test_acc"]["mean"] > 0.3
+
+
+def test_resume_continues_after_the_last_checkpoint(tmp_path: Path) -> None:
+    _, first, run_dir = federate(tmp_path, "fedper", rounds=2)
+    rc = run_config(tmp_path, "fedper", rounds=3, resume=str(run_dir))
+    run(InProcessGrid(rc, 3), load_config(rc))
+    resumed = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    assert resumed["rounds"][:2] == first["rounds"][:2]
+    assert resumed["resumed_at_round"] == 2
+
+
+def test_a_run_name_is_never_overwritten(tmp_path: Path) -> None:
+    federate(tmp_path, "fedavg", rounds=1)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        federate(tmp_path, "fedavg", rounds=1)
