@@ -1,0 +1,478 @@
+"""Federated partitions: which training and test examples each client owns.
+
+The training split is divided over ``clients.num_clients`` clients with flwr-datasets partitioners
+run on a labels-only ``datasets.Dataset`` (no images are touched):
+
+``iid``           ``IidPartitioner`` on a seeded permutation
+``dirichlet``     ``DirichletPartitioner`` with ``alpha=data.partition.alpha`` and
+                  ``min_partition_size=data.partition.min_size``
+``pathological``  ``PathologicalPartitioner(num_classes_per_partition=data.partition.classes_per_client)``
+                  in ``first-deterministic`` mode (every class is used once there are enough clients)
+``natural``       ``NaturalIdPartitioner`` on ``data.partition.id_key``; with fewer clients than ids,
+                  ``num_clients`` ids are drawn with the seed
+
+Each client's partition is optionally capped (``data.max_train_per_client``, stratified), then split
+into train and val (``data.val_fraction``, stratified, at least one val example when the fraction is
+positive, at least one train example always).
+
+Test sets follow each client's own label distribution (the FedTP / FedPerfix protocol): for every
+class c, client k receives ``round(T_c * n_kc / N_c)`` of the T_c test examples of class c, where
+n_kc counts class c in the client's partition (train + val) and N_c in the whole training split
+(largest-remainder rounding, so every client is within one example of its quota, and test sets are
+disjoint). Clients that together hold the whole training split share the whole test split; capped or
+sub-sampled federations get a proportionally smaller test set. ``natural`` partitions whose test
+split carries the same ids (LEAF FEMNIST) give each client its own writer's test examples instead.
+
+Partitions are cached on disk as index arrays (npz) under ``data.cache_dir`` (default
+``~/.cache/fedvit/partitions``), keyed by a fingerprint of everything that decides them, and in memory
+per process. Writes are atomic; an unreadable or inconsistent cache file is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedvit.config import DataConfig, FedvitConfig, fingerprint
+from fedvit.data.sources import load_source, source_identity
+from fedvit.data.store import DataError, SourceData, Split
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+# Independent random streams, all derived from cfg.seed.
+_HOLDOUT, _IID, _NATURAL, _CLIENT, _TEST = range(1, 6)
+
+_MEMORY: dict[str, Partition] = {}
+
+
+@dataclass(frozen=True)
+class ClientIndices:
+    """One client's examples: ``train`` / ``val`` index the train split, ``test`` the test split."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    natural_id: str | None = None
+
+
+@dataclass
+class Partition:
+    """Per-client index arrays for a whole federation."""
+
+    fingerprint: str
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    test: list[np.ndarray]
+    natural_ids: list[str] | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.train)
+
+    def client(self, client_id: int) -> ClientIndices:
+        """The indices of one client; an unknown id raises a :class:`DataError`."""
+        if not 0 <= client_id < self.num_clients:
+            raise DataError(
+                f"client id {client_id} is out of range: the partition has clients.num_clients="
+                f"{self.num_clients} clients (ids 0..{self.num_clients - 1})"
+            )
+        nid = self.natural_ids[client_id] if self.natural_ids else None
+        return ClientIndices(self.train[client_id], self.val[client_id], self.test[client_id], nid)
+
+
+# --------------------------------------------------------------------------- sampling helpers
+
+
+def _rng(seed: int, stream: int, *more: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, *more])
+
+
+def largest_remainder(quota: np.ndarray, total: int) -> np.ndarray:
+    """Integers summing to ``total``, each ``floor(q)`` or ``floor(q) + 1`` (for ``sum(quota) ~ total``)."""
+    base = np.floor(quota).astype(np.int64)
+    short = int(total - base.sum())
+    if short > 0:
+        order = np.argsort(-(quota - base), kind="stable")
+        base[order[:short]] += 1
+    return base
+
+
+def stratified_sample(labels: np.ndarray, n_take: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_take`` sorted positions into ``labels``, drawn per class in proportion to its count."""
+    n = len(labels)
+    n_take = min(max(int(n_take), 0), n)
+    if n_take in (0, n):
+        return np.arange(n_take, dtype=np.int64)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(classes))
+    alloc = np.minimum(largest_remainder(n_take * counts / n, n_take), counts)
+    picked = [rng.permutation(np.flatnonzero(inverse == j))[:a] for j, a in enumerate(alloc) if a > 0]
+    chosen = np.concatenate(picked) if picked else np.empty(0, np.int64)
+    if len(chosen) < n_take:  # rounding left a gap: fill at random
+        rest = np.setdiff1d(np.arange(n), chosen)
+        chosen = np.concatenate([chosen, rng.choice(rest, n_take - len(chosen), replace=False)])
+    return np.sort(chosen).astype(np.int64)
+
+
+def with_test_split(source: SourceData, test_fraction: float, seed: int) -> SourceData:
+    """``source`` itself if it has a test split, else a stratified, seeded hold-out of its train split."""
+    if source.test is not None:
+        return source
+    labels = source.train.labels
+    test_pos = stratified_sample(labels, round(test_fraction * len(labels)), _rng(seed, _HOLDOUT))
+    if len(test_pos) in (0, len(labels)):
+        raise DataError(
+            f"key 'data.test_fraction': holding out {test_fraction} of {len(labels)} examples of "
+            f"'{source.name}' leaves no test or no train example"
+        )
+    train_pos = np.setdiff1d(np.arange(len(labels)), test_pos)
+    return SourceData(
+        source.name,
+        source.train.subset(train_pos),
+        source.train.subset(test_pos),
+        source.class_names,
+        dict(source.info),
+        test_held_out=True,
+    )
+
+
+def prepared_source(cfg: FedvitConfig, path_override: str | None = None) -> SourceData:
+    """The source with a test split (held out with the seed if needed) and checked labels."""
+    source = with_test_split(load_source(cfg.data, path_override), cfg.data.test_fraction, cfg.seed)
+    for name, split in (("train", source.train), ("test", source.test)):
+        if (
+            split is not None
+            and len(split)
+            and (split.labels.min() < 0 or split.labels.max() >= cfg.data.num_classes)
+        ):
+            raise DataError(
+                f"key 'data.num_classes': the {name} split of '{cfg.data.name}' has labels "
+                f"{split.labels.min()}..{split.labels.max()}, but data.num_classes is {cfg.data.num_classes}"
+            )
+    return source
+
+
+# --------------------------------------------------------------------------- partitioners
+
+
+def _labels_dataset(train: Split, id_key: str | None, order: np.ndarray) -> Any:
+    import datasets
+
+    columns: dict[str, Any] = {"label": train.labels[order], "_idx": order}
+    if id_key is not None:
+        columns[id_key] = train.ids[order].astype(str)  # type: ignore[index]
+    return datasets.Dataset.from_dict(columns)
+
+
+def _indices_of(partition: Any) -> np.ndarray:
+    """The source row numbers of a partition (read as one Arrow column, not row by row)."""
+    return partition.with_format("arrow")[:]["_idx"].to_numpy().astype(np.int64)
+
+
+def _make_partitioner(cfg: FedvitConfig, train: Split) -> tuple[Any, np.ndarray]:
+    """The flwr-datasets partitioner for ``data.partition.kind`` and the row order it sees."""
+    from flwr_datasets import partitioner as fp
+
+    p, k = cfg.data.partition, cfg.clients.num_clients
+    order = np.arange(len(train), dtype=np.int64)
+    if p.kind == "iid":
+        return fp.IidPartitioner(num_partitions=k), _rng(cfg.seed, _IID).permutation(order)
+    if p.kind == "dirichlet":
+        if p.min_size * k > len(train):
+            raise DataError(
+                f"key 'data.partition.min_size': {k} clients x min_size {p.min_size} > {len(train)} "
+                f"training examples; lower data.partition.min_size or clients.num_clients"
+            )
+        return (
+            fp.DirichletPartitioner(
+                num_partitions=k,
+                partition_by="label",
+                alpha=float(p.alpha),
+                min_partition_size=p.min_size,
+                seed=cfg.seed,
+            ),
+            order,
+        )
+    if p.kind == "pathological":
+        present = len(np.unique(train.labels))
+        if p.classes_per_client > present:
+            raise DataError(
+                f"key 'data.partition.classes_per_client': {p.classes_per_client} classes per client, "
+                f"but the training split has only {present} classes"
+            )
+        return (
+            fp.PathologicalPartitioner(
+                num_partitions=k,
+                partition_by="label",
+                num_classes_per_partition=p.classes_per_client,
+                class_assignment_mode="first-deterministic",
+                seed=cfg.seed,
+            ),
+            order,
+        )
+    if p.kind == "natural":
+        if train.ids is None:
+            raise DataError(
+                f"key 'data.partition.id_key': dataset '{cfg.data.name}' has no natural client id "
+                f"column '{p.id_key}'; use another data.partition.kind"
+            )
+        return fp.NaturalIdPartitioner(partition_by=p.id_key), order
+    raise DataError(f"key 'data.partition.kind': unknown partition kind '{p.kind}'")
+
+
+def _partition_error(cfg: FedvitConfig, n: int, err: Exception) -> DataError:
+    p, k = cfg.data.partition, cfg.clients.num_clients
+    keys, params = {
+        "iid": ("'clients.num_clients'", ""),
+        "dirichlet": (
+            "'data.partition.alpha' / 'data.partition.min_size' / 'clients.num_clients'",
+            f" (alpha={p.alpha}, min_size={p.min_size})",
+        ),
+        "pathological": (
+            "'data.partition.classes_per_client' / 'clients.num_clients'",
+            f" (classes_per_client={p.classes_per_client})",
+        ),
+        "natural": ("'clients.num_clients'", f" (id_key={p.id_key})"),
+    }[p.kind]
+    return DataError(
+        f"key {keys}: cannot make a {p.kind} partition of {n} training examples over {k} clients"
+        f"{params}: {err}"
+    )
+
+
+def split_train(cfg: FedvitConfig, train: Split) -> tuple[list[np.ndarray], list[str] | None]:
+    """Each client's partition of the train split (indices), and its natural id for ``natural``."""
+    k, kind = cfg.clients.num_clients, cfg.data.partition.kind
+    if k > len(train):
+        raise DataError(f"key 'clients.num_clients': {k} clients but only {len(train)} training examples")
+    partitioner, order = _make_partitioner(cfg, train)
+    partitioner.dataset = _labels_dataset(
+        train, cfg.data.partition.id_key if kind == "natural" else None, order
+    )
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # retries warn, tqdm prints
+        warnings.simplefilter("ignore")
+        try:
+            available = partitioner.num_partitions
+            if k > available:
+                raise DataError(
+                    f"key 'clients.num_clients': {k} clients, but '{cfg.data.name}' has only {available} "
+                    f"distinct '{cfg.data.partition.id_key}' ids (data.partition.id_key) for a natural "
+                    "partition"
+                )
+            pids = (
+                range(k)
+                if k == available
+                else np.sort(_rng(cfg.seed, _NATURAL).choice(available, k, replace=False))
+            )
+            parts = [_indices_of(partitioner.load_partition(int(i))) for i in pids]
+        except DataError:
+            raise
+        except (ValueError, AssertionError) as err:
+            raise _partition_error(cfg, len(train), err) from err
+    empty = [i for i, part in enumerate(parts) if len(part) == 0]
+    if empty:
+        raise _partition_error(cfg, len(train), ValueError(f"clients {empty} get no training example"))
+    natural = (
+        [str(partitioner.partition_id_to_natural_id[int(i)]) for i in pids] if kind == "natural" else None
+    )
+    return parts, natural
+
+
+def train_val_split(
+    labels: np.ndarray, part: np.ndarray, data: DataConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cap a client's partition (``data.max_train_per_client``) and hold out ``data.val_fraction`` as val."""
+    if data.max_train_per_client is not None and len(part) > data.max_train_per_client:
+        part = part[stratified_sample(labels[part], data.max_train_per_client, rng)]
+    n = len(part)
+    n_val = 0 if data.val_fraction == 0 or n < 2 else min(max(round(data.val_fraction * n), 1), n - 1)
+    val_pos = stratified_sample(labels[part], n_val, rng)
+    keep = np.ones(n, dtype=bool)
+    keep[val_pos] = False
+    return np.sort(part[keep]), np.sort(part[val_pos])
+
+
+def allocate_test(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    parts: list[np.ndarray],
+    num_classes: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Disjoint test sets with each client's label distribution (see the module docstring)."""
+    totals = np.bincount(train_labels, minlength=num_classes)
+    counts = np.stack([np.bincount(train_labels[p], minlength=num_classes) for p in parts])
+    out: list[list[np.ndarray]] = [[] for _ in parts]
+    for c in range(num_classes):
+        pool = rng.permutation(np.flatnonzero(test_labels == c))
+        if len(pool) == 0 or totals[c] == 0:
+            continue
+        quota = len(pool) * counts[:, c] / totals[c]
+        alloc = largest_remainder(quota, min(round(quota.sum()), len(pool)))
+        for k, chunk in enumerate(np.split(pool, np.cumsum(alloc)[:-1])):
+            out[k].append(chunk[: alloc[k]])
+    return [
+        np.sort(np.concatenate(chunks)).astype(np.int64) if chunks else np.empty(0, np.int64)
+        for chunks in out
+    ]
+
+
+def compute_partition(cfg: FedvitConfig, source: SourceData, fp: str = "") -> Partition:
+    """Build a partition from scratch (no cache)."""
+    assert source.test is not None
+    labels = source.train.labels
+    parts, natural = split_train(cfg, source.train)
+    splits = [
+        train_val_split(labels, part, cfg.data, _rng(cfg.seed, _CLIENT, k)) for k, part in enumerate(parts)
+    ]
+    kept = [np.sort(np.concatenate(s)) for s in splits]
+    if natural is not None and source.test.ids is not None:
+        test_ids = source.test.ids.astype(str)
+        tests = [np.flatnonzero(test_ids == nid).astype(np.int64) for nid in natural]
+    else:
+        tests = allocate_test(labels, source.test.labels, kept, cfg.data.num_classes, _rng(cfg.seed, _TEST))
+    return Partition(fp, [s[0] for s in splits], [s[1] for s in splits], tests, natural)
+
+
+def local_client_indices(cfg: FedvitConfig, source: SourceData, client_id: int) -> ClientIndices:
+    """A device that owns a whole source: all its train split (minus val) and all its test split."""
+    assert source.test is not None
+    n = len(source.train)
+    train, val = train_val_split(
+        source.train.labels, np.arange(n), cfg.data, _rng(cfg.seed, _CLIENT, client_id)
+    )
+    return ClientIndices(train, val, np.arange(len(source.test), dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def partition_fingerprint(cfg: FedvitConfig, path_override: str | None = None) -> str:
+    """Hash of everything a partition depends on (dataset, files, partition config, clients, seed)."""
+    d = cfg.data
+    return fingerprint(
+        {
+            "version": CACHE_VERSION,
+            "name": d.name,
+            "source": source_identity(d, path_override),
+            "partition": dataclasses.asdict(d.partition),
+            "num_classes": d.num_classes,
+            "val_fraction": d.val_fraction,
+            "test_fraction": d.test_fraction,
+            "max_train_per_client": d.max_train_per_client,
+            "num_clients": cfg.clients.num_clients,
+            "seed": cfg.seed,
+        }
+    )
+
+
+def cache_path(cfg: FedvitConfig, fp: str) -> Path:
+    root = (
+        Path(cfg.data.cache_dir).expanduser()
+        if cfg.data.cache_dir
+        else Path.home() / ".cache/fedvit/partitions"
+    )
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cfg.data.name)
+    return root / f"{safe}-{cfg.data.partition.kind}-{cfg.clients.num_clients}c-{fp}.npz"
+
+
+def _pack(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    ptr = np.cumsum([0, *(len(a) for a in arrays)]).astype(np.int64)
+    flat = np.concatenate(arrays).astype(np.int64) if arrays else np.empty(0, np.int64)
+    return flat, ptr
+
+
+def _unpack(flat: np.ndarray, ptr: np.ndarray) -> list[np.ndarray]:
+    return [flat[ptr[i] : ptr[i + 1]] for i in range(len(ptr) - 1)]
+
+
+def write_cache(path: Path, part: Partition, n_train: int, n_test: int) -> None:
+    """Atomically write ``part`` as index arrays (tmp file + ``os.replace``)."""
+    meta = {
+        "version": CACHE_VERSION,
+        "fingerprint": part.fingerprint,
+        "num_clients": part.num_clients,
+        "n_train": n_train,
+        "n_test": n_test,
+        "natural_ids": part.natural_ids,
+    }
+    arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
+    for name in ("train", "val", "test"):
+        arrays[f"{name}_idx"], arrays[f"{name}_ptr"] = _pack(getattr(part, name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_cache(path: Path, fp: str, n_train: int, n_test: int) -> Partition | None:
+    """The cached partition, or ``None`` if missing, unreadable or inconsistent (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"]))
+            if meta["version"] != CACHE_VERSION or meta["fingerprint"] != fp:
+                raise ValueError("fingerprint mismatch")
+            split = {
+                name: _unpack(npz[f"{name}_idx"], npz[f"{name}_ptr"]) for name in ("train", "val", "test")
+            }
+        k = meta["num_clients"]
+        if meta["n_train"] != n_train or meta["n_test"] != n_test or any(len(v) != k for v in split.values()):
+            raise ValueError("sizes do not match the data")
+        _check_indices(split["train"] + split["val"], n_train, "train/val")
+        _check_indices(split["test"], n_test, "test")
+        return Partition(fp, split["train"], split["val"], split["test"], meta["natural_ids"])
+    except Exception as err:  # a corrupted or foreign file: never trust it
+        log.warning("partition cache %s is invalid (%s); rebuilding it", path, err)
+        return None
+
+
+def _check_indices(arrays: list[np.ndarray], n: int, what: str) -> None:
+    flat = np.concatenate(arrays) if arrays else np.empty(0, np.int64)
+    if flat.dtype.kind not in "iu" or (len(flat) and (flat.min() < 0 or flat.max() >= n)):
+        raise ValueError(f"{what} indices out of range")
+    if len(np.unique(flat)) != len(flat):
+        raise ValueError(f"{what} indices overlap")
+
+
+def build_partition(cfg: FedvitConfig) -> Partition:
+    """The seeded partition of ``cfg`` (memory cache, then disk cache, then built and cached)."""
+    fp = partition_fingerprint(cfg)
+    if fp in _MEMORY:
+        return _MEMORY[fp]
+    source = prepared_source(cfg)
+    assert source.test is not None
+    path = cache_path(cfg, fp)
+    part = read_cache(path, fp, len(source.train), len(source.test))
+    if part is None:
+        part = compute_partition(cfg, source, fp)
+        try:
+            write_cache(path, part, len(source.train), len(source.test))
+        except OSError as err:  # a read-only cache dir must not stop a run
+            log.warning("cannot write partition cache %s: %s", path, err)
+    _MEMORY[fp] = part
+    return part
+
+
+def clear_memory_cache() -> None:
+    """Forget partitions built in this process (the disk cache stays)."""
+    _MEMORY.clear()
