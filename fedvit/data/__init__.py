@@ -1,0 +1,61 @@
+"""fedvit's data layer: sources, federated partitions, per-client datasets and summaries.
+
+load_source(cfg.data)              -> SourceData (native-size uint8 images, int64 labels, ids)
+build_partition(cfg)               -> Partition (per-client train / val / test indices, cached)
+load_client_datasets(cfg, cid)     -> ClientDatasets (torch datasets, resized + normalized on the fly)
+summarize_partition(cfg)           -> list of per-client dicts; format_partition_table(...) -> rich Table
+"""
+
+from fedvit.data.datasets import (
+    ClientDatasets,
+    ImageDataset,
+    ImageTransform,
+    load_client_datasets,
+    make_transform,
+)
+from fedvit.data.partition import (
+    ClientIndices,
+    Partition,
+    build_partition,
+    cache_path,
+    clear_memory_cache,
+    partition_fingerprint,
+    prepared_source,
+    with_test_split,
+)
+from fedvit.data.sources import clear_caches, load_source, resolve_path
+from fedvit.data.store import DataError, ImageStore, SourceData, Split
+from fedvit.data.summary import format_partition_table, summarize_partition
+
+
+def clear_all_caches() -> None:
+    """Forget loaded sources and partitions of this process (the disk cache stays)."""
+    clear_caches()
+    clear_memory_cache()
+
+
+__all__ = [
+    "ClientDatasets",
+    "ClientIndices",
+    "DataError",
+    "ImageDataset",
+    "ImageStore",
+    "ImageTransform",
+    "Partition",
+    "SourceData",
+    "Split",
+    "build_partition",
+    "cache_path",
+    "clear_all_caches",
+    "clear_caches",
+    "clear_memory_cache",
+    "format_partition_table",
+    "load_client_datasets",
+    "load_source",
+    "make_transform",
+    "partition_fingerprint",
+    "prepared_source",
+    "resolve_path",
+    "summarize_partition",
+    "with_test_split",
+]
