@@ -228,6 +228,7 @@ def test_missing_local_copy_falls_back_to_hub_when_hub_id_is_set(monkeypatch, tm
             r"'data\.path'.*/no/such/organamnist",
         ),
         ({"source": "femnist-npz", "path": "x.npz"}, "/no/such/device/data.npz", r"node-config 'data-path'"),
+        ({"source": "sklearn-digits"}, "/some/device/data.npz", r"node-config 'data-path'.*sklearn-digits"),
     ],
 )
 def test_missing_files_raise_one_error_naming_the_key(tmp_path, data, override, key):

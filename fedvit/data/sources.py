@@ -55,6 +55,11 @@ def resolve_path(cfg: DataConfig, path_override: str | None = None) -> Path | No
     the project root). A missing path raises one :class:`DataError` naming the key.
     """
     if path_override:
+        if cfg.source == "sklearn-digits":
+            raise DataError(
+                "node-config 'data-path' is set, but data.source 'sklearn-digits' reads no local files; "
+                "drop data-path or use a file-based data.source"
+            )
         path = Path(path_override).expanduser()
         if not path.exists():
             raise DataError(f"node-config 'data-path': no such file or folder: {path.resolve()}")
