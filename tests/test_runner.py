@@ -1,0 +1,569 @@
+"""fedvit.runner: run-config syntax, paths, status parsing, ports, process teardown, and real
+``flwr run`` simulations of a tiny throwaway app (marked slow)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fedvit import runner
+from fedvit.config import ConfigError
+from fedvit.runner import (
+    RESERVED_PORTS,
+    STATUS_COMPLETED,
+    LocalSuperLink,
+    RunnerError,
+    absolutize_paths,
+    all_procs,
+    descendants,
+    federation_config,
+    find_free_port,
+    format_kv,
+    format_run_config,
+    is_final,
+    kill_processes,
+    load_kv_args,
+    local_superlink,
+    owns_listening_port,
+    parse_kv_string,
+    parse_ls_json,
+    parse_submit_json,
+    prepare_run_config,
+    proc_environ,
+    read_proc,
+    run_flwr,
+    tagged_processes,
+    toml_value,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MARK = "FEDVIT_TEST_MARK"
+
+
+# --------------------------------------------------------------------------- helpers (also used by test_cli)
+
+TINY_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "tinyapp"
+version = "0.1.0"
+description = "throwaway Flower app for fedvit's runner tests"
+license = "Apache-2.0"
+dependencies = ["flwr[simulation]"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["tinyapp"]
+
+[tool.flwr.app]
+publisher = "fedvit-tests"
+
+[tool.flwr.app.components]
+serverapp = "tinyapp.server:app"
+clientapp = "tinyapp.client:app"
+
+[tool.flwr.app.config]
+num-server-rounds = 2
+fail = false
+sleep = 0.0
+output-dir = ""
+label = ""
+"""
+
+TINY_CLIENT = """\
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    arrays = {k: Array(v.numpy() + 1.0) for k, v in msg.content["arrays"].items()}
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 1})})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "acc": 0.5})}), reply_to=msg)
+"""
+
+TINY_SERVER = """\
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    if cfg["fail"]:
+        raise RuntimeError("tinyapp: deliberate failure")
+    time.sleep(float(cfg["sleep"]))
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=2)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))}),
+        num_rounds=int(cfg["num-server-rounds"]),
+    )
+    if cfg["output-dir"]:
+        out = Path(cfg["output-dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        record = {
+            "w": result.arrays["w"].numpy().tolist(),
+            "cwd": os.getcwd(),
+            "output-dir": cfg["output-dir"],
+            "label": cfg["label"],
+        }
+        (out / "result.json").write_text(json.dumps(record))
+"""
+
+
+def write_tiny_app(root: Path) -> Path:
+    """A numpy-only Flower app: FedAvg over 2 supernodes; knobs ``fail``, ``sleep``, ``output-dir``."""
+    app = root / "tinyapp"
+    (app / "tinyapp").mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(TINY_PYPROJECT)
+    (app / "tinyapp" / "__init__.py").write_text("")
+    (app / "tinyapp" / "client.py").write_text(TINY_CLIENT)
+    (app / "tinyapp" / "server.py").write_text(TINY_SERVER)
+    return app
+
+
+def marked(mark: str) -> list[runner.Proc]:
+    """Live processes other than this one whose environment carries ``FEDVIT_TEST_MARK=mark``."""
+    me = os.getpid()
+    return [
+        p
+        for p in all_procs()
+        if p.pid != me and p.state not in "ZX" and proc_environ(p.pid).get(MARK) == mark
+    ]
+
+
+def describe_procs(procs: list[runner.Proc]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            cmd = Path(f"/proc/{p.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+        except OSError:
+            cmd = "?"
+        out.append(f"{p.pid} {p.state} {cmd}")
+    return out
+
+
+@pytest.fixture
+def mark(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A tag in this process's environment: every process a test starts inherits it."""
+    value = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, value)
+    return value
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_app(tmp_path_factory.mktemp("apps"))
+
+
+# --------------------------------------------------------------------------- run-config syntax
+
+
+def test_parse_kv_string_reads_toml_values_like_flower() -> None:
+    parsed = parse_kv_string("a=1 b=2.5 c=true d='x y' e=\"q'z\" f=fedper g=-3 h=/tmp/x")
+    assert parsed == {
+        "a": 1,
+        "b": 2.5,
+        "c": True,
+        "d": "x y",
+        "e": "q'z",
+        "f": "fedper",
+        "g": -3,
+        "h": "/tmp/x",
+    }
+    assert parse_kv_string("overrides='train.lr=0.05 model.depth=6'") == {
+        "overrides": "train.lr=0.05 model.depth=6"
+    }
+    assert parse_kv_string("overrides=train.lr=0.05") == {"overrides": "train.lr=0.05"}
+    assert parse_kv_string("  ") == {}
+
+
+@pytest.mark.parametrize("bad", ["alpha", "a=1 junk", "a='unterminated", "a=[1,2]"])
+def test_parse_kv_string_rejects_what_is_not_key_value(bad: str) -> None:
+    with pytest.raises(ConfigError, match="run-config"):
+        parse_kv_string(bad)
+
+
+def test_load_kv_args_merges_in_order_and_reads_toml_files(tmp_path: Path) -> None:
+    f = tmp_path / "rc.toml"
+    f.write_text('method = "fedavg"\nseed = 3\n')
+    assert load_kv_args(["seed=1 alpha=0.1", str(f), "seed=7"]) == {
+        "seed": 7,
+        "alpha": 0.1,
+        "method": "fedavg",
+    }
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_kv_args([str(tmp_path / "missing.toml")])
+
+
+TRICKY = {
+    "int": 5,
+    "neg": -2,
+    "float": 0.1,
+    "big": 1e-08,
+    "yes": True,
+    "no": False,
+    "empty": "",
+    "spaces": "a b  c",
+    "backslash": r"C:\data\new",
+    "single": "it's",
+    "single-backslash": "it's a \\ path",
+    "equals": "train.lr=0.05 model.depth=6",
+    "unicode": "données-ü",
+    "hash": "a#b",
+}
+
+
+def test_format_run_config_round_trips_through_flowers_own_parser() -> None:
+    from flwr.common.config import parse_config_args
+
+    text = format_run_config(TRICKY)
+    assert parse_config_args([text]) == TRICKY
+    assert parse_kv_string(text) == TRICKY
+
+
+def test_format_run_config_values() -> None:
+    assert format_run_config({"a": 1, "b": "x", "c": True, "d": None}) == "a=1 b='x' c=true"
+    assert toml_value(Path("/a/b")) == "'/a/b'"
+    assert toml_value(float("inf")) == "inf"
+
+
+@pytest.mark.parametrize("value", ["both ' and \"", "line\nbreak", [1, 2], {"a": 1}])
+def test_format_run_config_refuses_what_flower_cannot_parse(value: object) -> None:
+    with pytest.raises(ConfigError, match="run-config 'k'"):
+        format_run_config({"k": value})
+
+
+def test_format_kv_refuses_odd_keys() -> None:
+    with pytest.raises(ConfigError, match="invalid key"):
+        format_kv({"a b": 1})
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def test_absolutize_paths(tmp_path: Path) -> None:
+    rc = {
+        "data-dir": "data",
+        "output-dir": "../out",
+        "resume": "",
+        "method": "fedper",
+        "overrides": (
+            "data.cache_dir=cache model.pretrained=/abs/w.pt train.lr=0.1 output.dir='q' server.resume=null"
+        ),
+    }
+    out = absolutize_paths(rc, cwd=tmp_path)
+    assert out["data-dir"] == str(tmp_path / "data")
+    assert out["output-dir"] == str((tmp_path / ".." / "out").resolve())
+    assert out["resume"] == "" and out["method"] == "fedper"
+    assert out["overrides"].split() == [
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.pretrained=/abs/w.pt",
+        "train.lr=0.1",
+        "output.dir='q'",
+        "server.resume=null",
+    ]
+    assert rc["data-dir"] == "data"  # the input is not modified
+    assert absolutize_paths({"resume": "~/runs/x"})["resume"] == str(Path.home() / "runs" / "x")
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _ls(status: str, details: str = "N/A", run_id: str = "42") -> str:
+    runs = [{"run-id": run_id, "status": status, "status-details": details, "elapsed": 1.0}]
+    return json.dumps({"success": True, "runs": runs})
+
+
+def test_parse_ls_json() -> None:
+    assert parse_ls_json(_ls("finished:completed"), "42") == ("finished:completed", "")
+    failed = _ls("finished:failed", "Simulation failed with exception: boom")
+    assert parse_ls_json("Using SuperLink: x\n" + failed, "42") == (
+        "finished:failed",
+        "Simulation failed with exception: boom",
+    )
+    assert parse_ls_json(_ls("running"), "42")[0] == "running"
+    assert is_final("finished:stopped") and not is_final("running") and not is_final("pending")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        json.dumps({"success": False, "error-message": "Connection to the SuperLink is unavailable"}),
+        _ls("running", run_id="7"),
+    ],
+)
+def test_parse_ls_json_errors(text: str) -> None:
+    with pytest.raises(RunnerError):
+        parse_ls_json(text, "42")
+
+
+def test_parse_submit_json() -> None:
+    assert parse_submit_json('{"success": true, "run-id": "123", "fab-id": "a/b"}') == "123"
+    with pytest.raises(RunnerError, match="unavailable"):
+        parse_submit_json('{"success": false, "error-message": "SuperLink unavailable"}')
+
+
+def test_federation_config() -> None:
+    assert federation_config(3) == {"num-supernodes": 3, "client-resources-num-cpus": 1}
+    assert federation_config(3, 2, 0.5, {"num-supernodes": 4, "verbose": True}) == {
+        "num-supernodes": 4,
+        "client-resources-num-cpus": 2,
+        "client-resources-num-gpus": 0.5,
+        "verbose": True,
+    }
+    assert federation_config(None, None, 0.0) == {}
+    with pytest.raises(ConfigError, match="unknown federation-config"):
+        federation_config(2, extra={"num-clients": 2})
+    with pytest.raises(ConfigError, match="num-supernodes"):
+        federation_config(0)
+
+
+# --------------------------------------------------------------------------- preparing a run
+
+
+def test_prepare_run_config_for_another_app(tiny_app: Path, tmp_path: Path) -> None:
+    prepared = prepare_run_config(tiny_app, {"output-dir": "out", "label": "x"}, cwd=tmp_path)
+    assert prepared.run_config == {"output-dir": str(tmp_path / "out"), "label": "x"}
+    assert prepared.num_clients is None and prepared.output_dir is None
+    with pytest.raises(ConfigError, match=r"unknown run-config key\(s\) \['nope'\]"):
+        prepare_run_config(tiny_app, {"nope": 1})
+    with pytest.raises(ConfigError, match="not a Flower app"):
+        prepare_run_config(tmp_path, {})
+
+
+def test_prepare_run_config_for_fedvit_pins_paths_and_run_name(tmp_path: Path) -> None:
+    prepared = prepare_run_config(REPO, {"num-clients": 3, "method": "fedavg"}, cwd=tmp_path)
+    rc = prepared.run_config
+    assert prepared.num_clients == 3
+    assert rc["output-dir"] == str(tmp_path / "outputs") and rc["data-dir"] == str(tmp_path / "data")
+    assert rc["run-name"].startswith("fedavg-digits-")
+    assert prepared.output_dir == tmp_path / "outputs" / rc["run-name"]
+
+    named = prepare_run_config(REPO, {"run-name": "mine", "output-dir": "o"}, cwd=tmp_path)
+    assert named.output_dir == tmp_path / "o" / "mine"
+
+    resumed = prepare_run_config(REPO, {"resume": "outputs/old"}, cwd=tmp_path)
+    assert resumed.output_dir == tmp_path / "outputs" / "old"
+    assert resumed.run_config["resume"] == str(tmp_path / "outputs" / "old")
+
+    remote = prepare_run_config(REPO, {"output-dir": "o"}, cwd=tmp_path, local_paths=False)
+    assert remote.run_config["output-dir"] == "o"  # a path on the SuperLink's machine
+
+
+def test_config_errors_fail_fast_before_anything_starts(tmp_path: Path, mark: str) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="unknown run-config key"):
+        run_flwr(REPO, {"bogus": 1}, cwd=tmp_path)
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(ConfigError, match=r"data\.partition\.alpha"):
+        run_flwr(REPO, {"alpha": -1}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"num-supernodes=2 but clients\.num_clients=3"):
+        run_flwr(REPO, {"num-clients": 3}, num_supernodes=2, cwd=tmp_path)
+    assert marked(mark) == []
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def test_find_free_port_is_bindable_and_never_a_default() -> None:
+    port = find_free_port()
+    assert port not in RESERVED_PORTS
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_find_free_port_skips_reserved_and_excluded(monkeypatch: pytest.MonkeyPatch) -> None:
+    picks = iter([39091, 8000, 45000, 45001])
+
+    class FakeSocket:
+        def __init__(self, *args: object) -> None:
+            self.port = next(picks)
+
+        def __enter__(self) -> FakeSocket:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def bind(self, addr: object) -> None:
+            pass
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(runner.socket, "socket", FakeSocket)
+    assert find_free_port(exclude={45000}) == 45001
+
+
+def test_process_helpers_find_and_kill_a_tree(mark: str) -> None:
+    # A shell that ignores SIGTERM with a child: descendants(), tagged_processes() and the
+    # SIGKILL fallback of kill_processes().
+    tag = uuid.uuid4().hex
+    env = {**os.environ, runner.TAG_VAR: tag}
+    proc = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 60 & wait"], env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(descendants(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = descendants(proc.pid)
+        assert {p.pid for p in tree} == {p.pid for p in tagged_processes(tag)}
+        assert len(tree) == 2 and read_proc(proc.pid) is not None
+        t0 = time.monotonic()
+        kill_processes(tree, grace_s=0.5)
+        assert time.monotonic() - t0 < 5
+        assert not any(p.alive() for p in tree)
+        assert tagged_processes(tag) == []
+    finally:
+        proc.kill()
+        proc.wait()
+    assert marked(mark) == []
+
+
+def test_owns_listening_port() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert owns_listening_port(os.getpid(), port) is True
+        assert owns_listening_port(1, port) in (False, None)  # None: /proc/1/fd unreadable
+
+
+def test_superlink_that_cannot_start_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "flower-superlink"
+    broken.write_text("#!/bin/sh\necho 'cannot start: no such thing' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(runner, "flwr_executable", lambda name: str(broken))
+    with pytest.raises(RunnerError, match="exited with code 3"):
+        LocalSuperLink(tmp_path / "w").start()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_superlinks_start_side_by_side_and_teardown_leaves_nothing(tmp_path: Path, mark: str) -> None:
+    with local_superlink(cwd=tmp_path) as one, local_superlink(cwd=tmp_path) as two:
+        assert one.port != two.port
+        for link in (one, two):
+            with urllib.request.urlopen(f"http://{link.address}/health", timeout=5) as resp:
+                assert resp.status == 200
+            config = (link.flwr_home / "config.toml").read_text()
+            assert f'address = "{link.address}"' in config and "insecure = true" in config
+            cmds = describe_procs(link.processes())
+            assert any("flower-superlink" in c for c in cmds), cmds
+            assert any("flower-superexec" in c for c in cmds), cmds
+            assert all(proc_environ(p.pid).get(runner.TAG_VAR) == link.tag for p in link.processes())
+        first_procs, first_dir, first_port = one.processes(), one.workdir, one.port
+        one.stop()
+        # the first one is gone, process group and all; the second is untouched
+        assert not any(p.alive() for p in first_procs)
+        assert one.process is not None and one.process.poll() is not None
+        with pytest.raises(ProcessLookupError):
+            os.killpg(one.process.pid, 0)
+        assert runner.listening_inodes(first_port) == set()  # nothing listens there any more
+        with urllib.request.urlopen(f"http://{two.address}/health", timeout=5) as resp:
+            assert resp.status == 200
+    assert not first_dir.exists()
+    assert marked(mark) == [], describe_procs(marked(mark))
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_run_completes_with_absolute_paths_and_leaves_nothing(
+    tiny_app: Path, tmp_path: Path, mark: str
+) -> None:
+    log = io.StringIO()
+    messages: list[str] = []
+    outcome = run_flwr(
+        tiny_app,
+        {"output-dir": "out", "label": "it's a \\ test"},
+        num_supernodes=2,
+        cwd=tmp_path,
+        timeout_s=200,
+        log_sink=log,
+        progress=messages.append,
+    )
+    assert outcome.ok and outcome.status == STATUS_COMPLETED, runner.describe(outcome, 30)
+    assert outcome.returncode == 0 and outcome.run_id
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["w"] == [2.0, 2.0, 2.0]  # 2 rounds of +1
+    assert result["output-dir"] == str(tmp_path / "out")  # absolute when it reached the ServerApp
+    assert result["cwd"] == str(tmp_path)  # the SuperLink runs in the caller's directory
+    assert result["label"] == "it's a \\ test"
+    assert "ROUND 2/2" in log.getvalue() and "\x1b[" not in log.getvalue()
+    assert any("submitted" in m for m in messages)
+    assert marked(mark) == [], describe_procs(marked(mark))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_timeout_stops_the_run_and_leaves_nothing(tiny_app: Path, tmp_path: Path, mark: str) -> None:
+    t0 = time.monotonic()
+    outcome = run_flwr(tiny_app, {"sleep": 120.0}, num_supernodes=2, cwd=tmp_path, timeout_s=15, stream=False)
+    assert outcome.status == "timeout" and outcome.returncode == 124 and not outcome.ok
+    assert time.monotonic() - t0 < 40
+    assert marked(mark) == [], describe_procs(marked(mark))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigterm_during_a_run_tears_down(tiny_app: Path, tmp_path: Path, mark: str) -> None:
+    # run_flwr in a child Python, SIGTERM to that process alone once the simulation runs.
+    code = textwrap.dedent(
+        f"""
+        from fedvit.runner import run_flwr
+        run_flwr({str(tiny_app)!r}, {{"sleep": 120.0}}, num_supernodes=2, stream=False)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, start_new_session=True)
+    try:
+        _wait_for_cmd(mark, "flwr-simulation", 90)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert marked(mark) == [], describe_procs(marked(mark))
+
+
+def _wait_for_cmd(mark: str, needle: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(needle in c for c in describe_procs(marked(mark))):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no '{needle}' process within {timeout}s: {describe_procs(marked(mark))}")
