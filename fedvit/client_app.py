@@ -62,10 +62,12 @@ def client_identity(context: Context, cfg: FedvitConfig) -> int:
 
 
 def _state_dir(context: Context, cfg: FedvitConfig, run_name: str, client_id: int) -> Path:
-    node_dir = context.node_config.get("state-dir") or cfg.clients.state_dir
-    if node_dir:
-        # A device keeps one personal model per (method, model, dataset) across runs.
-        return Path(str(node_dir)).expanduser() / f"{cfg.method.name}-{cfg.model.name}-{cfg.data.name}"
+    # A device keeps one personal model per (method, model, dataset) across runs.
+    keep = f"{cfg.method.name}-{cfg.model.name}-{cfg.data.name}"
+    if node_dir := context.node_config.get("state-dir"):  # this device's own directory
+        return Path(str(node_dir)).expanduser() / keep
+    if cfg.clients.state_dir:  # one directory for the whole federation
+        return Path(cfg.clients.state_dir).expanduser() / f"client-{client_id}" / keep
     return default_state_dir(run_name, client_id)
 
 

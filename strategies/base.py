@@ -46,6 +46,10 @@ from fedvit.results import RunRecorder, atomic_write_text
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 
 
+class RoundFailedError(RuntimeError):
+    """No client could take part: the federation cannot make progress (the reasons are in the message)."""
+
+
 @dataclass
 class ClientUpdate:
     """One client's accepted training reply."""
@@ -200,9 +204,11 @@ class PersonalizedStrategy(FedAvg):
             Message(content=RecordDict({CONFIG: config}), message_type=MessageType.QUERY, dst_node_id=n)
             for n in unknown
         ]
+        problems = []
         for reply in grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
+                problems.append(f"node {node}: {reply.error.reason}")
                 log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
                 continue
             metrics = dict(reply.content[METRICS])
@@ -214,6 +220,11 @@ class PersonalizedStrategy(FedAvg):
                 del self.node_to_client[other]  # the client reconnected as a new node
             self.node_to_client[node] = cid
             self.client_info[cid] = {k.replace("-", "_"): v for k, v in metrics.items()}
+        if len(self.node_to_client) < self.min_available_nodes:
+            raise RoundFailedError(
+                f"only {len(self.node_to_client)} of {self.min_available_nodes} clients could start; "
+                + "; ".join(problems[:3])
+            )
         if self.recorder is not None:
             self.recorder.set_clients(self.client_info)
         log(INFO, "Clients: %s", dict(sorted((c, n) for n, c in self.node_to_client.items())))
@@ -287,8 +298,10 @@ class PersonalizedStrategy(FedAvg):
         if self.recorder is not None:
             self.recorder.record_train(server_round, per_client, rejected, failures)
         if not updates:
-            log(WARNING, "Round %d: no acceptable update; shared parameters unchanged", server_round)
-            return None, None
+            reasons = failures + [f"client {c}: {r}" for c, r in rejected.items()]
+            raise RoundFailedError(
+                f"round {server_round}: no client produced an update; " + "; ".join(reasons[:3])
+            )
         aggregated = self.aggregate_shared(server_round, updates, self._current)
         losses = [u.metrics.get("train-loss", float("nan")) for u in updates]
         return aggregated, MetricRecord(

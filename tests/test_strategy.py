@@ -163,3 +163,22 @@ def test_sampling_is_seeded(tmp_path: Path) -> None:
     a.discover(grid, 5)
     b.discover(grid, 5)
     assert [a.sample_nodes(r, grid) for r in range(1, 6)] == [b.sample_nodes(r, grid) for r in range(1, 6)]
+
+
+def test_a_round_where_every_client_fails_stops_the_run_with_the_reason(tmp_path: Path) -> None:
+    from strategies.base import RoundFailedError
+
+    strategy = make_strategy(tmp_path)
+    grid = InProcessGrid({}, 3, client_app=numpy_client({0: "raise", 1: "nan", 2: "raise"}))
+    with pytest.raises(RoundFailedError, match="disk full"):
+        strategy.start(grid, initial(), num_rounds=1)
+
+
+def test_clients_that_cannot_start_are_reported(tmp_path: Path) -> None:
+    from strategies.base import RoundFailedError
+
+    def broken(msg, ctx):
+        raise FileNotFoundError("data.path: no such file: /nope.npz")
+
+    with pytest.raises(RoundFailedError, match=r"nope\.npz"):
+        make_strategy(tmp_path).start(InProcessGrid({}, 3, client_app=broken), initial(), num_rounds=1)
