@@ -665,9 +665,10 @@ class LocalSuperLink:
                 self.process.wait(timeout=5)
 
     def stop(self) -> None:
-        """Tear down the SuperLink and all it started. Idempotent."""
+        """Tear down the SuperLink and all it started. Idempotent; Ctrl-C / SIGTERM wait for it."""
         try:
-            self._stop_process_tree()
+            with _deferred_signals():
+                self._stop_process_tree()
         finally:
             if self._log_file is not None:
                 self._log_file.close()
@@ -691,6 +692,34 @@ class _PortTaken(RunnerError):
     pass
 
 
+class _Terminated(SystemExit):
+    """SIGTERM / SIGHUP turned into an exception, so that teardown runs."""
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the block is done (a teardown must not be cut short).
+
+    A signal that came meanwhile is raised afterwards (``KeyboardInterrupt`` or ``SystemExit``),
+    unless an exception is on its way out already.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {sig: signal.signal(sig, lambda signum, _frame: pending.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if pending:
+        if pending[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise _Terminated(128 + pending[0])
+
+
 @contextlib.contextmanager
 def local_superlink(
     *,
@@ -707,9 +736,11 @@ def local_superlink(
         link.start()
         yield link
     finally:
-        link.stop()
-        if not keep_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            link.stop()
+        finally:
+            if not keep_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- preparing a run
@@ -790,7 +821,7 @@ def prepare_run_config(
     base = Path(cwd) if cwd is not None else Path.cwd()
     if cfg.server.resume:
         resume = Path(cfg.server.resume).expanduser()
-        prepared.output_dir = resume if resume.is_absolute() else (base / resume).resolve()
+        prepared.output_dir = resume if resume.is_absolute() or not local_paths else (base / resume).resolve()
         return prepared
     run_name = cfg.output.run_name or default_run_name(cfg.method.name, cfg.data.name)
     out_dir = Path(cfg.output.dir).expanduser()
@@ -848,10 +879,6 @@ def _num(x: float) -> int | float:
 
 
 # --------------------------------------------------------------------------- running
-
-
-class _Terminated(SystemExit):
-    """SIGTERM / SIGHUP turned into an exception, so that teardown runs."""
 
 
 @contextlib.contextmanager
@@ -989,7 +1016,8 @@ def run_flwr(
     (default stdout). ``env_extra``: added to the environment of every process (e.g.
     ``CUDA_VISIBLE_DEVICES``). ``validate``: see :func:`prepare_run_config`. ``cwd``: what
     relative paths are relative to (default: the current directory). ``progress``: called with
-    one-line messages (SuperLink started, run submitted ...).
+    one-line messages (SuperLink started, run submitted ...). ``status_timeout_s``: give up after
+    this long without an answer to ``flwr ls``.
 
     Config problems raise :class:`ConfigError` before anything starts; a SuperLink that does not
     come up raises :class:`RunnerError`; Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM/SIGHUP
@@ -1041,6 +1069,7 @@ def run_flwr(
                 outcome.superlink = f"{connection} ({link.address}, started here)"
                 say(f"SuperLink up at {link.address} (state in {link.workdir})")
             else:
+                link = None
                 env = flwr_env(flwr_home, env_extra)
                 connection = str(superlink)
                 outcome.superlink = connection
@@ -1052,6 +1081,7 @@ def run_flwr(
                 remote=not local,
                 status_timeout_s=status_timeout_s,
                 say=say,
+                link=link,
             )
             args += [connection, "--format", "json"]
             if rc_text:
@@ -1075,6 +1105,13 @@ class _Session:
     remote: bool
     status_timeout_s: float
     say: Callable[[str], None]
+    link: LocalSuperLink | None = None  # the SuperLink started for this run, if any
+
+    def superlink_alive(self) -> bool:
+        return self.link is None or (self.link.process is not None and self.link.process.poll() is None)
+
+    def superlink_log(self) -> str:
+        return self.link.log_tail(20) if self.link is not None else ""
 
     def flwr(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
         return _flwr(args, self.env, self.cwd, timeout)
@@ -1120,28 +1157,36 @@ class _Session:
                 outcome.log_tail = list(pump.tail)
 
     def wait_final_status(self, outcome: RunOutcome) -> None:
-        """Poll ``flwr ls`` until the run's status is final (it lags the log stream by seconds)."""
+        """Poll ``flwr ls`` until the run's status is final.
+
+        The status turns final seconds after the log stream ends; if the stream ended early
+        (a dropped connection) the run may still be going: polling goes on, slower, until the
+        run's deadline. Only ``status_timeout_s`` of failed queries in a row give up, and a
+        local SuperLink that died gives up at once.
+        """
         assert outcome.run_id is not None
-        poll_deadline = time.monotonic() + self.status_timeout_s
-        if self.deadline is not None:
-            poll_deadline = min(poll_deadline, self.deadline)
+        started = last_ok = time.monotonic()
         status, details, error = STATUS_UNKNOWN, "", ""
         while True:
             try:
                 ls = self.flwr(["ls", "--run-id", outcome.run_id, self.connection, "--format", "json"], 60)
                 status, details = parse_ls_json(ls.stdout, outcome.run_id)
+                last_ok = time.monotonic()
             except (RunnerError, subprocess.TimeoutExpired) as err:
                 error = str(err)
-            if is_final(status) or time.monotonic() >= poll_deadline:
+            if is_final(status):
                 break
-            time.sleep(1.0)
-        if not is_final(status):
-            if self.deadline is not None and time.monotonic() >= self.deadline:
+            now = time.monotonic()
+            if self.deadline is not None and now >= self.deadline:
                 self.timeout(outcome)
                 return
-            outcome.status = status
-            outcome.details = f"no final status after the log stream ended ({error or status})"
-            return
+            if now - last_ok >= self.status_timeout_s or not self.superlink_alive():
+                outcome.status = status
+                outcome.details = f"cannot get the run's final status: {error or status}"
+                if not self.superlink_alive():
+                    outcome.details = f"the SuperLink exited during the run:\n{self.superlink_log()}"
+                return
+            time.sleep(1.0 if now - started < 30 else 5.0)
         outcome.status, outcome.details = status, details
         outcome.returncode = EXIT_OK if status == STATUS_COMPLETED else EXIT_FAILED
 

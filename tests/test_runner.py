@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import signal
@@ -336,6 +337,83 @@ def test_parse_submit_json() -> None:
         parse_submit_json('{"success": false, "error-message": "SuperLink unavailable"}')
 
 
+def _session(**kw: object) -> runner._Session:
+    defaults: dict[str, object] = {
+        "connection": "c",
+        "env": {},
+        "cwd": Path("."),
+        "deadline": None,
+        "remote": False,
+        "status_timeout_s": 3.0,
+        "say": lambda _m: None,
+    }
+    return runner._Session(**{**defaults, **kw})  # type: ignore[arg-type]
+
+
+def _fake_flwr(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> list[list[str]]:
+    calls: list[list[str]] = []
+
+    def fake(args: list[str], env: object, cwd: object, timeout: float) -> subprocess.CompletedProcess[str]:
+        calls.append(args)
+        out = answers.pop(0) if len(answers) > 1 else answers[0]
+        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(runner, "_flwr", fake)
+    monkeypatch.setattr(runner.time, "sleep", lambda _s: None)
+    return calls
+
+
+def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """time.monotonic() advances one second per call."""
+    ticks = itertools.count()
+    monkeypatch.setattr(runner.time, "monotonic", lambda: float(next(ticks)))
+
+
+def test_final_status_is_polled_until_final(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_flwr(monkeypatch, [_ls("running"), _ls("running"), _ls("finished:failed", "boom")])
+    outcome = runner.RunOutcome(run_id="42", status="submitted", details="", returncode=1)
+    _session().wait_final_status(outcome)
+    assert (outcome.status, outcome.details, outcome.returncode, outcome.ok) == (
+        "finished:failed",
+        "boom",
+        1,
+        False,
+    )
+    assert len(calls) == 3 and calls[0] == ["ls", "--run-id", "42", "c", "--format", "json"]
+
+    _fake_flwr(monkeypatch, [_ls("finished:completed")])
+    outcome = runner.RunOutcome(run_id="42", status="submitted", details="", returncode=1)
+    _session().wait_final_status(outcome)
+    assert outcome.ok and outcome.returncode == 0
+
+
+def test_final_status_gives_up_when_nobody_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_flwr(monkeypatch, ['{"success": false, "error-message": "SuperLink unavailable"}'])
+    _fake_clock(monkeypatch)
+    outcome = runner.RunOutcome(run_id="42", status="submitted", details="", returncode=1)
+    _session(status_timeout_s=5.0).wait_final_status(outcome)
+    assert not outcome.ok and outcome.returncode == 1 and "SuperLink unavailable" in outcome.details
+
+
+def test_final_status_respects_the_deadline_and_stops_a_remote_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_flwr(monkeypatch, [_ls("running")])
+    _fake_clock(monkeypatch)
+    outcome = runner.RunOutcome(run_id="42", status="submitted", details="", returncode=1)
+    _session(deadline=10.0, remote=True, status_timeout_s=100.0).wait_final_status(outcome)
+    assert (outcome.status, outcome.returncode) == ("timeout", 124)
+    assert calls[-1] == ["stop", "42", "c"]
+
+
+def test_teardown_holds_ctrl_c_until_it_is_done() -> None:
+    done = []
+    with pytest.raises(KeyboardInterrupt), runner._deferred_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        done.append(True)
+    assert done == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_federation_config() -> None:
     assert federation_config(3) == {"num-supernodes": 3, "client-resources-num-cpus": 1}
     assert federation_config(3, 2, 0.5, {"num-supernodes": 4, "verbose": True}) == {
@@ -567,3 +645,36 @@ def _wait_for_cmd(mark: str, needle: str, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"no '{needle}' process within {timeout}s: {describe_procs(marked(mark))}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_named_superlink_is_used_as_is(tiny_app: Path, tmp_path: Path, mark: str) -> None:
+    # Deployment path: submit to an existing connection of a FLWR_HOME. Here that SuperLink is
+    # one we start ourselves; run_flwr must start nothing and pass paths through unchanged.
+    server_cwd = tmp_path / "server"
+    server_cwd.mkdir()
+    with local_superlink(cwd=server_cwd) as link:
+        superlinks_seen: list[int] = []  # flower-superlink processes each time run_flwr reports progress
+
+        def count_superlinks(_msg: str) -> None:
+            superlinks_seen.append(sum("flower-superlink" in c for c in describe_procs(marked(mark))))
+
+        outcome = run_flwr(
+            tiny_app,
+            {"output-dir": "out"},
+            num_supernodes=2,
+            superlink=link.connection,
+            flwr_home=link.flwr_home,
+            cwd=tmp_path,
+            timeout_s=200,
+            stream=False,
+            progress=count_superlinks,
+        )
+        assert outcome.ok, runner.describe(outcome, 30)
+        assert outcome.superlink == link.connection
+        assert outcome.run_config == {"output-dir": "out"}  # a path on the SuperLink's machine
+        result = json.loads((server_cwd / "out" / "result.json").read_text())
+        assert result["output-dir"] == "out" and result["cwd"] == str(server_cwd)
+        assert superlinks_seen and set(superlinks_seen) == {1}  # run_flwr started none of its own
+    assert marked(mark) == [], describe_procs(marked(mark))
