@@ -71,7 +71,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         action="append",
         metavar="'k=v ...'",
         help='simulation settings, e.g. "num-supernodes=5 client-resources-num-gpus=0.5"; '
-        "default num-supernodes = clients.num_clients, client-resources-num-cpus=1",
+        "defaults: num-supernodes = clients.num_clients, client-resources-num-cpus=1, "
+        "client-resources-num-gpus = the visible GPUs shared by the clients (0 without GPUs "
+        "or with clients.device=cpu)",
     )
     p.add_argument(
         "--superlink",
@@ -91,7 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     fed_extra = _kv(args.federation_config, "federation-config")
     num = fed_extra.pop("num-supernodes", None)
     cpus = fed_extra.pop("client-resources-num-cpus", 1)
-    gpus = fed_extra.pop("client-resources-num-gpus", 0.0)
+    gpus = fed_extra.pop("client-resources-num-gpus", None)  # None: share the GPUs, if any
     outcome = run_flwr(
         args.app_dir,
         _run_config(args),

@@ -874,6 +874,25 @@ def federation_config(
     return fed
 
 
+def auto_gpus_per_client(cfg: Any, num_supernodes: int | None) -> float:
+    """GPU share per simulated client so that all clients fit on this machine's GPUs (0: none)."""
+    if cfg is None or not num_supernodes or cfg.clients.device == "cpu":
+        return 0.0
+    gpus = visible_gpus()
+    if gpus == 0:
+        return 0.0
+    return math.floor(min(1.0, gpus / num_supernodes) * 10_000) / 10_000  # Ray: 4 decimals
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -990,7 +1009,7 @@ def run_flwr(
     *,
     num_supernodes: int | None = None,
     cpus_per_client: float = 1,
-    gpus_per_client: float = 0.0,
+    gpus_per_client: float | None = 0.0,
     federation_config_extra: Mapping[str, Any] | None = None,
     superlink: str | None = None,
     flwr_home: str | Path | None = None,
@@ -1011,6 +1030,9 @@ def run_flwr(
     ``superlink``: ``None`` starts a private SuperLink (see the module doc); a name submits to
     that connection of ``FLWR_HOME``. ``flwr_home``: the ``FLWR_HOME`` to use (local runs: the
     private one the runner writes, kept afterwards; default a temp dir).
+    ``gpus_per_client``: Ray's GPU share per simulated client (Ray hides the GPUs from clients
+    that get none); ``None`` = auto: for a fedvit app whose ``clients.device`` is not ``cpu`` and
+    a machine with GPUs, the visible GPUs are shared evenly by the clients, else 0.
     ``timeout_s``: the whole run (SuperLink start to final status); then the run is stopped and
     the outcome is ``timeout`` (exit code 124). ``stream``: echo the run's log to ``log_sink``
     (default stdout). ``env_extra``: added to the environment of every process (e.g.
@@ -1033,8 +1055,13 @@ def run_flwr(
     if local and num_supernodes is None:
         num_supernodes = prepared.num_clients
     fed = federation_config(
-        num_supernodes, cpus_per_client if local else None, gpus_per_client, federation_config_extra
+        num_supernodes, cpus_per_client if local else None, gpus_per_client or 0.0, federation_config_extra
     )
+    if gpus_per_client is None and local and "client-resources-num-gpus" not in fed:
+        auto = auto_gpus_per_client(prepared.cfg, fed.get("num-supernodes"))
+        if auto > 0:
+            fed["client-resources-num-gpus"] = auto
+            say(f"{auto:g} GPU per client (clients.device={prepared.cfg.clients.device})")
     if local:
         n = fed.get("num-supernodes")
         if n is None:
@@ -1045,6 +1072,8 @@ def run_flwr(
                 f"each simulated SuperNode is one client; set the run-config key num-clients={n} "
                 "(or leave num-supernodes out)"
             )
+    if prepared.output_dir is not None:
+        say(f"results will go to {prepared.output_dir}")
     args = ["run", str(app)]
     rc_text = format_run_config(prepared.run_config)
     fed_text = format_kv(fed, "federation-config")

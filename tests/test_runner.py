@@ -429,6 +429,24 @@ def test_federation_config() -> None:
         federation_config(0)
 
 
+def test_auto_gpus_per_client_shares_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    def cfg(device: str) -> SimpleNamespace:
+        return SimpleNamespace(clients=SimpleNamespace(device=device))
+
+    monkeypatch.setattr(runner, "visible_gpus", lambda: 1)
+    assert runner.auto_gpus_per_client(cfg("auto"), 3) == 0.3333
+    assert runner.auto_gpus_per_client(cfg("cuda:0"), 1) == 1.0
+    assert runner.auto_gpus_per_client(cfg("cpu"), 3) == 0.0
+    assert runner.auto_gpus_per_client(None, 3) == 0.0  # not a fedvit app
+    monkeypatch.setattr(runner, "visible_gpus", lambda: 2)
+    assert runner.auto_gpus_per_client(cfg("auto"), 1) == 1.0
+    assert runner.auto_gpus_per_client(cfg("auto"), 8) == 0.25
+    monkeypatch.setattr(runner, "visible_gpus", lambda: 0)
+    assert runner.auto_gpus_per_client(cfg("auto"), 3) == 0.0
+
+
 # --------------------------------------------------------------------------- preparing a run
 
 
