@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedvit",
         description="Personalized federated learning of Vision Transformers on Flower.",
+        epilog="exit codes: 0 ok, 1 the run failed, 2 configuration error, 124 timeout, 130 interrupted",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
