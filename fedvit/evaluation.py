@@ -49,10 +49,19 @@ def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Forward FLOPs for one sample (``torch.utils.flop_counter``; a multiply-add = 2)."""
     was_training = model.training
     model.eval()
+    # Fused attention on CPU (``_scaled_dot_product_flash_attention_for_cpu``) is invisible to
+    # the counter; the explicit q@k / attn@v path is counted, so use it while counting.
+    fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    for m, _ in fused:
+        m.fused_attn = False
     x = torch.zeros((1, *input_shape), device=next(model.parameters()).device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    model.train(was_training)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+    finally:
+        for m, flag in fused:
+            m.fused_attn = flag
+        model.train(was_training)
     return int(counter.get_total_flops())
 
 
