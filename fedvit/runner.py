@@ -392,8 +392,14 @@ def read_proc(pid: int) -> Proc | None:
 
 
 def all_procs() -> list[Proc]:
+    """Every process in ``/proc`` (Linux). Elsewhere: none, and teardown falls back to the
+    SuperLink's process group alone."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
     out = []
-    for entry in os.listdir("/proc"):
+    for entry in entries:
         if entry.isdigit():
             proc = read_proc(int(entry))
             if proc is not None:
