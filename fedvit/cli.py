@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from fedvit.config import ConfigError
@@ -188,10 +189,48 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="one table from finished runs",
+        description="Client accuracy (mean ± std over clients, weighted mean, q10-q90) and resources "
+        "(storage, computation, communication; absolute and relative to FedAvg on the same dataset) "
+        "of each run directory, as Markdown (and CSV with --csv).",
+    )
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="outputs/<run-name> directories")
+    p.add_argument(
+        "--select",
+        choices=("last", "best-val"),
+        default="last",
+        help="which round: the last, or the one with the best mean validation accuracy",
+    )
+    p.add_argument("--csv", type=Path, metavar="FILE", help="also write the rows as CSV")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedvit.report import ReportError, collect, to_csv, to_markdown
+
+    try:
+        rows = collect(args.run_dirs, select=args.select)
+    except ReportError as err:
+        _err(f"error: {err}")
+        return EXIT_CONFIG
+    print(to_markdown(rows), end="")
+    if args.csv:
+        args.csv.write_text(to_csv(rows))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 #: One function per subcommand; each registers its parser (see the module docstring).
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_partition, _add_config]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_run,
+    _add_partition,
+    _add_config,
+    _add_report,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

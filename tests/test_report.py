@@ -65,3 +65,13 @@ def test_best_val_selection_reports_the_round_picked_on_validation(tmp_path: Pat
 def test_a_directory_without_results_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match=r"no results\.json"):
         collect([tmp_path])
+
+
+def test_the_cli_prints_the_table_and_writes_csv(tmp_path: Path, capsys) -> None:
+    from fedvit.cli import main
+
+    runs = [str(fake_run(tmp_path, m, 0.7, 1000, 1000, 500)) for m in ("fedavg", "local")]
+    assert main(["report", *runs, "--csv", str(tmp_path / "t.csv")]) == 0
+    assert "| local | organamnist |" in capsys.readouterr().out
+    assert (tmp_path / "t.csv").read_text().count("\n") == 3
+    assert main(["report", str(tmp_path / "missing")]) == 2
