@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
+from tinyapp import MARK, write_tiny_app
 
 SHARED_DATA = Path(
     os.environ.get("FEDVIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -24,3 +26,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"staged data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def mark(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A tag in this process's environment: every process a test starts inherits it."""
+    value = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, value)
+    return value
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A numpy-only Flower app written to a temporary directory (see tests/tinyapp.py)."""
+    return write_tiny_app(tmp_path_factory.mktemp("apps"))

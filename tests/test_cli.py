@@ -9,28 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from test_runner import MARK, describe_procs, marked, write_tiny_app
+from tinyapp import MARK, describe_procs, marked
 
 from fedvit.cli import COMMANDS, build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def mark(monkeypatch: pytest.MonkeyPatch) -> str:
-    """A tag in this process's environment: every process a test starts inherits it."""
-    value = uuid.uuid4().hex
-    monkeypatch.setenv(MARK, value)
-    return value
-
-
-@pytest.fixture(scope="module")
-def tiny_app(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_app(tmp_path_factory.mktemp("apps"))
 
 
 def _one_line_error(err: str, *needles: str) -> None:
@@ -44,8 +30,8 @@ def _one_line_error(err: str, *needles: str) -> None:
 def test_subcommands_are_the_real_ones_only() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "partition", "config"}  # no do-nothing stubs
-    assert len(COMMANDS) == 3
+    assert set(sub.choices) == {"run", "partition", "config", "report"}  # no do-nothing stubs
+    assert len(COMMANDS) == 4
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
