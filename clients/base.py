@@ -27,7 +27,7 @@ from torch import nn
 
 from fedvit.config import FedvitConfig
 from fedvit.params import ParameterSplit, check_arrays, get_arrays, set_arrays
-from fedvit.registry import register_client
+from fedvit.registry import method_options, register_client
 from fedvit.state import PrivateStore
 from fedvit.training import EvalResult, TrainResult, evaluate, make_loader, train_local
 
@@ -57,11 +57,28 @@ class PartialClient(NumPyClient):
         self.split = setup.split
         self.data = setup.data
         self.device = setup.device
+        self.options = method_options(self.cfg)[0]
         self.shared_shapes = self.split.shapes(self.model, "shared")
-        self.private_shapes = self.split.shapes(self.model, "private")
-        private = setup.store.load(self.private_shapes)
+        private = setup.store.load(self.private_state_shapes())
         if private:
-            set_arrays(self.model, private)
+            self.restore_private_state(private)
+
+    # ------------------------------------------------------------------ private state
+
+    def private_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of everything this client keeps between rounds (never sent).
+
+        Default: the private split of the model. Methods with more private state (APFL's
+        private model and mixing weight) extend the three ``private_state`` methods."""
+        return self.split.shapes(self.model, "private")
+
+    def private_state(self) -> dict[str, np.ndarray]:
+        """The current private state, as saved to the client's store after training."""
+        return get_arrays(self.model, self.split.private)
+
+    def restore_private_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Load what :meth:`private_state` saved (in an earlier round or run)."""
+        set_arrays(self.model, arrays)
 
     # ------------------------------------------------------------------ wire format
 
@@ -79,7 +96,7 @@ class PartialClient(NumPyClient):
         set_arrays(self.model, arrays)
 
     def save_private(self) -> None:
-        self.setup.store.save(get_arrays(self.model, self.split.private))
+        self.setup.store.save(self.private_state())
 
     # ------------------------------------------------------------------ Flower API
 

@@ -116,7 +116,8 @@ class MethodConfig:
     private: list[str] = field(default_factory=lambda: ["head"])
     strategy: str = "personalized"  # key in fedvit.registry.STRATEGIES
     client: str = "partial"  # key in fedvit.registry.CLIENTS
-    options: dict[str, Any] = field(default_factory=dict)  # method-specific knobs
+    # Method-specific knobs, typed by the client's / strategy's ``Options`` (fedvit.registry).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -333,7 +334,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: FedvitConfig) -> None:
     """Raise :class:`ConfigError` on the first impossible value."""
     from fedvit.params import KNOWN_GROUP_PATTERNS, is_known_group
-    from fedvit.registry import clients, strategies
+    from fedvit.registry import clients, method_options, strategies
 
     _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     s, c, t, d, m = cfg.server, cfg.clients, cfg.train, cfg.data, cfg.model
@@ -431,6 +432,7 @@ def validate(cfg: FedvitConfig) -> None:
         f"must be one of {sorted(known_strategies)}",
     )
     _check(cfg.method.client in known_clients, "method.client", f"must be one of {sorted(known_clients)}")
+    method_options(cfg)  # typed method.options: unknown keys and wrong types raise here
 
 
 # --------------------------------------------------------------------------- helpers

@@ -4,10 +4,16 @@ A method is one YAML in ``conf/method/`` naming its private groups, a strategy a
 Strategy and client classes register themselves with :func:`register_strategy` /
 :func:`register_client`; every module of the ``strategies`` and ``clients`` packages is
 imported on first lookup, so a new method touches one strategy, one client and one YAML.
+
+Method-specific knobs live in ``method.options`` and are **typed**: a strategy or client class
+declares a dataclass ``Options`` (class attribute); :func:`method_options` splits
+``method.options`` between the two schemas, type-checks each part and refuses keys that
+neither knows, naming them (``method.options.<key>``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -74,3 +80,46 @@ def get_client(name: str) -> Any:
     if name not in table:
         raise KeyError(f"unknown client '{name}'; registered: {sorted(table)}")
     return table[name]
+
+
+def _schema_fields(cls: type) -> set[str]:
+    schema = getattr(cls, "Options", None)
+    return {f.name for f in dataclasses.fields(schema)} if schema is not None else set()
+
+
+def _typed(cls: type, values: dict[str, Any], role: str) -> Any:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fedvit.config import ConfigError
+
+    schema = getattr(cls, "Options", None)
+    if schema is None:
+        return None
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "key", None) or getattr(err, "full_key", "")
+        raise ConfigError(
+            f"key 'method.options.{key}': {str(err).splitlines()[0]} ({role} {cls.__name__})"
+        ) from err
+
+
+def method_options(cfg: Any) -> tuple[Any, Any]:
+    """(client options, strategy options) of ``cfg.method``: typed instances of each class's
+    ``Options`` dataclass (``None`` for a class without options)."""
+    from fedvit.config import ConfigError
+
+    client_cls, strategy_cls = get_client(cfg.method.client), get_strategy(cfg.method.strategy)
+    options = dict(cfg.method.options)
+    client_keys, strategy_keys = _schema_fields(client_cls), _schema_fields(strategy_cls)
+    unknown = sorted(set(options) - client_keys - strategy_keys)
+    if unknown:
+        raise ConfigError(
+            f"key 'method.options.{unknown[0]}': not an option of client '{cfg.method.client}' or strategy "
+            f"'{cfg.method.strategy}'; known: {sorted(client_keys | strategy_keys)}"
+        )
+    return (
+        _typed(client_cls, {k: v for k, v in options.items() if k in client_keys}, "client"),
+        _typed(strategy_cls, {k: v for k, v in options.items() if k in strategy_keys}, "strategy"),
+    )

@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedvit.params import UpdateError, check_arrays
-from fedvit.registry import register_strategy
+from fedvit.registry import method_options, register_strategy
 from fedvit.results import RunRecorder, atomic_write_text
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
@@ -124,7 +124,12 @@ class PersonalizedStrategy(FedAvg):
 
     @classmethod
     def from_config(cls, cfg, *, model, split, recorder, run_dir: Path, run_name: str, **kwargs: Any):
-        """Build from a :class:`~fedvit.config.FedvitConfig` (subclasses add their knobs)."""
+        """Build from a :class:`~fedvit.config.FedvitConfig`.
+
+        Subclasses with knobs declare an ``Options`` dataclass (typed ``method.options``, see
+        :func:`fedvit.registry.method_options`) and receive it as ``options=``."""
+        if getattr(cls, "Options", None) is not None:
+            kwargs.setdefault("options", method_options(cfg)[1])
         return cls(
             shared_shapes=split.shapes(model, "shared"),
             num_clients=cfg.clients.num_clients,
