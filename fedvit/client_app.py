@@ -6,7 +6,7 @@ Messages (what crosses the wire):
   ``num-test``, ``train-hist``, ``test-hist``}. The server builds its node -> client map
   from it, so per-client messages reach the right client.
 * ``train``: content ``arrays`` (the shared parameters by state-dict name, possibly
-  personalized by the server) and ``config`` (``server-round``, ``run-name``,
+  personalized by the server) and ``config`` (``server-round``, ``run-name``, ``run-key``,
   ``client-id``). Reply ``arrays`` (shared parameters only) and ``metrics``
   (``num-examples``, ``client-id``, ``train-loss`` ...).
 * ``evaluate``: same content; reply ``metrics`` only (``test-acc``, ``val-acc`` ...).
@@ -61,14 +61,14 @@ def client_identity(context: Context, cfg: FedvitConfig) -> int:
     return client_id
 
 
-def _state_dir(context: Context, cfg: FedvitConfig, run_name: str, client_id: int) -> Path:
+def _state_dir(context: Context, cfg: FedvitConfig, run_key: str, client_id: int) -> Path:
     # A device keeps one personal model per (method, model, dataset) across runs.
     keep = f"{cfg.method.name}-{cfg.model.name}-{cfg.data.name}"
     if node_dir := context.node_config.get("state-dir"):  # this device's own directory
         return Path(str(node_dir)).expanduser() / keep
     if cfg.clients.state_dir:  # one directory for the whole federation
         return Path(cfg.clients.state_dir).expanduser() / f"client-{client_id}" / keep
-    return default_state_dir(run_name, client_id)
+    return default_state_dir(run_key, client_id)
 
 
 def build_setup(message: Message | None, context: Context) -> ClientSetup:
@@ -82,13 +82,13 @@ def build_setup(message: Message | None, context: Context) -> ClientSetup:
     sent_id = config.get("client-id")
     if sent_id is not None and int(sent_id) != client_id:
         raise ValueError(f"message for client {sent_id} reached client {client_id}")
-    run_name = str(config.get("run-name", "default"))
+    run_key = str(config.get("run-key", config.get("run-name", "default")))
     model = build_model(cfg)
     split = ParameterSplit.from_model(model, cfg.method.private)
     data_path = context.node_config.get("data-path")
     data = load_client_datasets(cfg, client_id, data_path=str(data_path) if data_path else None)
     store = PrivateStore(
-        _state_dir(context, cfg, run_name, client_id),
+        _state_dir(context, cfg, run_key, client_id),
         fingerprint=fingerprint(
             {
                 "method": cfg.method.name,

@@ -29,10 +29,11 @@ class StateError(ValueError):
     """A state directory that cannot be used for this client."""
 
 
-def default_state_dir(run_name: str, client_id: int) -> Path:
-    """``$FEDVIT_STATE_DIR`` or ``~/.cache/fedvit/state``, then ``<run-name>/client-<id>``."""
+def default_state_dir(run_key: str, client_id: int) -> Path:
+    """``$FEDVIT_STATE_DIR`` or ``~/.cache/fedvit/state``, then ``<run-key>/client-<id>``
+    (``run-key`` = the run name plus a per-run suffix, kept when a run resumes)."""
     root = Path(os.environ.get("FEDVIT_STATE_DIR", Path.home() / ".cache" / "fedvit" / "state"))
-    return root / run_name / f"client-{client_id}"
+    return root / run_key / f"client-{client_id}"
 
 
 def _atomic_write(path: Path, write) -> None:

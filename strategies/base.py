@@ -7,7 +7,7 @@ What crosses the wire each round:
   the right client.
 * ``train``: to each sampled client, ``arrays`` = the shared parameters for *that*
   client (:meth:`PersonalizedStrategy.client_arrays`; the same global weights by
-  default) and ``config`` = {``server-round``, ``run-name``, ``client-id``}. The reply
+  default) and ``config`` = {``server-round``, ``run-name``, ``run-key``, ``client-id``}. The reply
   carries the client's shared parameters (never private ones) and ``num-examples``.
 * The server checks each reply against the shared split (names, shapes, finite values;
   bad replies are rejected and logged), then :meth:`aggregate_shared` (sample-weighted
@@ -27,6 +27,7 @@ import json
 import random
 import shutil
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -115,6 +116,9 @@ class PersonalizedStrategy(FedAvg):
         self.eval_every = eval_every
         self.seed = seed
         self.run_name = run_name
+        # Unique per run (kept on resume): clients key their default state directory by it, so a
+        # new run never picks up the private state of an earlier run with the same name.
+        self.run_key = f"{run_name}-{uuid.uuid4().hex[:8]}"
         self.recorder = recorder
         self.checkpoint_dir = checkpoint_dir
         self.node_to_client: dict[int, int] = {}
@@ -165,6 +169,7 @@ class PersonalizedStrategy(FedAvg):
         out = ConfigRecord(dict(config))
         out["server-round"] = server_round
         out["run-name"] = self.run_name
+        out["run-key"] = self.run_key
         out["client-id"] = client_id
         return out
 
@@ -204,7 +209,7 @@ class PersonalizedStrategy(FedAvg):
         unknown = [n for n in nodes if n not in self.node_to_client]
         if not unknown:
             return
-        config = ConfigRecord({"run-name": self.run_name})
+        config = ConfigRecord({"run-name": self.run_name, "run-key": self.run_key})
         messages = [
             Message(content=RecordDict({CONFIG: config}), message_type=MessageType.QUERY, dst_node_id=n)
             for n in unknown
@@ -369,6 +374,7 @@ class PersonalizedStrategy(FedAvg):
         state = {
             "round": server_round,
             "run_name": self.run_name,
+            "run_key": self.run_key,
             "strategy": type(self).__name__,
             "state": extra_state,
         }
@@ -386,6 +392,7 @@ class PersonalizedStrategy(FedAvg):
         if not state_path.is_file():
             raise FileNotFoundError(f"server.resume: no checkpoint in {checkpoint_dir} (missing state.json)")
         state = json.loads(state_path.read_text())
+        self.run_key = state.get("run_key", self.run_key)
         if state.get("strategy") != type(self).__name__:
             raise ValueError(
                 f"server.resume: checkpoint of {state.get('strategy')}, this run uses {type(self).__name__}"
@@ -418,6 +425,8 @@ class PersonalizedStrategy(FedAvg):
         result = Result()
         arrays = initial_arrays
         self.summary()
+        if self.recorder is not None:
+            self.recorder.data["run_key"] = self.run_key
         self.discover(grid, timeout)
         for rnd in range(start_round, num_rounds + 1):
             t0 = time.time()

@@ -5,6 +5,7 @@ after aggregation, results, resume."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +56,10 @@ def capture_replies(monkeypatch):
 
 
 def stored_private(cid: int, run_name: str) -> dict[str, np.ndarray]:
-    from fedvit.state import default_state_dir
-
-    with np.load(default_state_dir(run_name, cid) / "private.npz") as z:
+    """Client ``cid``'s saved private state of the (single) run called ``run_name``."""
+    root = Path(os.environ["FEDVIT_STATE_DIR"])
+    (path,) = root.glob(f"{run_name}-*/client-{cid}/private.npz")
+    with np.load(path) as z:
         return {k: z[k] for k in z.files}
 
 
@@ -146,6 +148,7 @@ def test_resume_continues_after_the_last_checkpoint(tmp_path: Path) -> None:
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     assert resumed["rounds"][:2] == first["rounds"][:2]
     assert resumed["resumed_at_round"] == 2
+    assert resumed["run_key"] == first["run_key"]  # clients find their private state again
 
 
 def test_a_run_name_is_never_overwritten(tmp_path: Path) -> None:
@@ -172,3 +175,11 @@ def test_a_device_state_dir_from_node_config_is_kept_across_runs(tmp_path: Path)
     # Training is deterministic: a second run that started fresh would end exactly where the
     # first one did. It ends elsewhere because it continued from the saved head.
     assert not np.allclose(before, after)
+
+
+def test_a_new_run_with_a_reused_name_does_not_inherit_private_state(tmp_path: Path) -> None:
+    _, first, _ = federate(tmp_path / "a", "local", rounds=1)
+    _, second, _ = federate(tmp_path / "b", "local", rounds=1)  # same run name, other output dir
+    assert first["run_key"] != second["run_key"]
+    # same seed, same data, fresh state: the second run repeats the first one exactly
+    assert first["rounds"][0]["eval"]["per_client"] == second["rounds"][0]["eval"]["per_client"]
