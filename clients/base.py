@@ -17,6 +17,8 @@ alternating phases), :meth:`personalize_for_eval` (e.g. FedBABU's head fine-tuni
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,24 @@ from fedvit.params import ParameterSplit, check_arrays, get_arrays, set_arrays
 from fedvit.registry import method_options, register_client
 from fedvit.state import PrivateStore
 from fedvit.training import EvalResult, TrainResult, evaluate, make_loader, train_local
+
+
+@contextmanager
+def trainable_only(model: nn.Module, keys: Iterable[str]) -> Iterator[list[nn.Parameter]]:
+    """Freeze every parameter of ``model`` whose name is not in ``keys`` (state-dict names);
+    yields the trainable ones and restores every ``requires_grad`` flag on exit.
+
+    For methods that train one part at a time (FedRep, FedAlt, FedBABU):
+    ``with trainable_only(model, split.private) as params: train_local(..., params=params)``."""
+    keys = set(keys)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name] and name in keys)
+        yield [p for name, p in model.named_parameters() if p.requires_grad]
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
 
 
 @dataclass
