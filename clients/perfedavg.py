@@ -11,7 +11,8 @@ train split and updates the model ``θ`` with the meta-gradient ``g``:
   Hessian-vector product ``H_{D''}(θ) u`` estimated, as in the paper, by central finite
   differences ``[∇L_{D''}(θ + δu) − ∇L_{D''}(θ − δu)] / (2δ)`` (``hvp: finite_difference``,
   ``δ`` = ``hf_delta``; two extra gradient evaluations, works with any attention kernel), or
-  exactly by autograd double-backward (``hvp: autograd``),
+  exactly by autograd double-backward (``hvp: autograd``; runs attention with the math SDPA
+  kernel, the fused ones have no double backward; slower and more memory),
 * ``θ ← θ − β g``: ``g`` is applied through ``train.optimizer`` with lr ``β`` = ``outer_lr``
   (default ``train.lr``), after ``train.grad_clip``. With ``train.optimizer=sgd``,
   ``train.momentum=0`` and ``train.weight_decay=0`` this is exactly the paper's update.
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clients.base import PartialClient
 from fedvit.config import ConfigError
@@ -69,11 +71,13 @@ def hessian_vector_product(
 ) -> Params:
     """``H_batch(params) u``: exact (autograd double-backward) or by central finite differences."""
     if method is HVP.autograd:
-        leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-        grads, _ = _grad(loss_fn, leaves, batch, create_graph=True)
-        hv = torch.autograd.grad(
-            list(grads.values()), list(leaves.values()), grad_outputs=[u[k] for k in leaves]
-        )
+        # The fused attention kernels have no double backward: use the math one here.
+        with sdpa_kernel(SDPBackend.MATH):
+            leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+            grads, _ = _grad(loss_fn, leaves, batch, create_graph=True)
+            hv = torch.autograd.grad(
+                list(grads.values()), list(leaves.values()), grad_outputs=[u[k] for k in leaves]
+            )
         return dict(zip(leaves, hv, strict=True))
     plus, _ = _grad(loss_fn, {k: p.detach() + delta * u[k] for k, p in params.items()}, batch)
     minus, _ = _grad(loss_fn, {k: p.detach() - delta * u[k] for k, p in params.items()}, batch)
