@@ -148,6 +148,18 @@ class APFLClient(PartialClient):
         if ALPHA_KEY in arrays:
             self.alpha = float(np.asarray(arrays[ALPHA_KEY]).reshape(-1)[0])
 
+    @staticmethod
+    def adjust_resources(resources: dict[str, float], model: nn.Module) -> dict[str, float]:
+        """APFL's real footprint from the split-based counts of
+        :func:`fedvit.evaluation.resource_counts`: each client also stores ``v_i`` (a whole model)
+        and ``α_i``, and a prediction runs both models. (Not yet called by the server app.)"""
+        extra = sum(t.numel() for t in model.state_dict().values()) + 1
+        out = dict(resources)
+        out["params_stored_per_client"] += extra
+        out["params_private_per_client"] += extra
+        out["flops_per_sample"] *= 2
+        return out
+
     # ------------------------------------------------------------------ training / evaluation
 
     def mixture(self) -> AlphaMix:

@@ -254,6 +254,21 @@ def test_apfl_federation_sends_only_w_and_reports_the_mixed_model(tmp_path: Path
         assert res.loss == pytest.approx(last[str(cid)]["test-loss"], rel=1e-5)
 
 
+def test_apfl_resources_count_the_private_model_and_both_forwards() -> None:
+    from fedvit.evaluation import resource_counts
+    from fedvit.models import build_model
+
+    model = build_model(load_config({"overrides": TINY}))
+    split = ParameterSplit.from_model(model, [])
+    base = resource_counts(model, split, (1, 16, 16))
+    n = sum(t.numel() for t in model.state_dict().values())
+    adjusted = APFLClient.adjust_resources(base, model)
+    assert adjusted["params_private_per_client"] == n + 1  # v_i and alpha_i
+    assert adjusted["params_stored_per_client"] == 2 * n + 1
+    assert adjusted["params_sent_up_per_round"] == n  # w only
+    assert adjusted["flops_per_sample"] == 2 * base["flops_per_sample"]
+
+
 def test_apfl_with_alpha_zero_is_fedavg(tmp_path: Path) -> None:
     fixed_zero = "method.options.alpha=0 method.options.adaptive_alpha=false"
     apfl, _ = federate(tmp_path, "apfl", rounds=1, extra=fixed_zero)
