@@ -152,7 +152,7 @@ class APFLClient(PartialClient):
     def adjust_resources(resources: dict[str, float], model: nn.Module) -> dict[str, float]:
         """APFL's real footprint from the split-based counts of
         :func:`fedvit.evaluation.resource_counts`: each client also stores ``v_i`` (a whole model)
-        and ``α_i``, and a prediction runs both models. (Not yet called by the server app.)"""
+        and ``α_i``, and a prediction runs both models."""
         extra = sum(t.numel() for t in model.state_dict().values()) + 1
         out = dict(resources)
         out["params_stored_per_client"] += extra

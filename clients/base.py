@@ -100,6 +100,13 @@ class PartialClient(NumPyClient):
         """Load what :meth:`private_state` saved (in an earlier round or run)."""
         set_arrays(self.model, arrays)
 
+    @staticmethod
+    def adjust_resources(resources: dict[str, float], model: nn.Module) -> dict[str, float]:
+        """The method's real footprint, from the split-based counts of
+        :func:`fedvit.evaluation.resource_counts` (the server reports what this returns).
+        Methods that store or compute more than their model split (APFL) override it."""
+        return resources
+
     # ------------------------------------------------------------------ wire format
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ from fedvit.config import FedvitConfig, load_config, model_img_size, to_dict, to
 from fedvit.evaluation import resource_counts
 from fedvit.models import build_model
 from fedvit.params import ParameterSplit, count, get_arrays
-from fedvit.registry import get_strategy
+from fedvit.registry import get_client, get_strategy
 from fedvit.results import RunRecorder, atomic_write_text, default_run_name
 
 app = ServerApp()
@@ -77,6 +77,7 @@ def run(grid: Grid, cfg: FedvitConfig) -> Path:
     resources = resource_counts(model, split, (cfg.data.in_chans, size, size))
     full = count(split.shapes(model, "shared")) + count(split.shapes(model, "private"))
     resources["params_model"] = full
+    resources = get_client(cfg.method.client).adjust_resources(resources, model)
     recorder.set_resources(resources)
     log(
         INFO,

@@ -438,3 +438,27 @@ def test_perfedavg_federation_completes_and_sends_only_the_meta_trained_model(
         elif kind == "train":
             assert reply.content["metrics"]["num-steps"] == 2
     assert not list(Path(os.environ["FEDVIT_STATE_DIR"]).rglob("private.npz"))  # ... nor stored
+
+
+def test_apfl_results_count_the_private_model_and_the_second_forward(tmp_path) -> None:
+    from fedvit.config import load_config
+    from fedvit.inprocess import InProcessGrid
+    from fedvit.server_app import run
+
+    results = {}
+    for method in ("fedavg", "apfl"):
+        rc = {
+            "method": method,
+            "num-clients": 2,
+            "num-server-rounds": 1,
+            "output-dir": str(tmp_path),
+            "run-name": method,
+            "overrides": f"{TINY} output.plots=false data.cache_dir={tmp_path / 'c'}",
+        }
+        run_dir = run(InProcessGrid(rc, 2), load_config(rc))
+        results[method] = json.loads((run_dir / "results.json").read_text())["resources"]
+    fedavg, apfl = results["fedavg"], results["apfl"]
+    assert apfl["params_private_per_client"] == fedavg["params_model"] + 1
+    assert apfl["params_stored_per_client"] == 2 * fedavg["params_model"] + 1
+    assert apfl["flops_per_sample"] == 2 * fedavg["flops_per_sample"]
+    assert apfl["params_sent_up_per_round"] == fedavg["params_sent_up_per_round"]
