@@ -222,6 +222,60 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- study
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "study",
+        help="the 'where to personalize' study: one federation per private layer type",
+        description="Run, with one base config, one federation per choice of private parameters "
+        "(each layer type alone and with the head, all-local, all-global) and write study.md and "
+        "study.csv (client accuracy mean ± std; overall = mean of stand-alone and combined).",
+    )
+    p.add_argument("study", choices=("where-to-personalize",), help="which study")
+    _add_run_config_arg(p)
+    p.add_argument(
+        "--engine",
+        choices=("simulation", "inprocess"),
+        default="simulation",
+        help="simulation: flwr run with Ray (default); inprocess: the same federation in this process",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        metavar="DIR",
+        help="study directory: run directories, study.md, study.csv (default: <output.dir>/<study>)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="LAYER",
+        help="run only these layer types (patch_embed pos_embed norm attn mlp head all-local all-global)",
+    )
+    p.add_argument("--resume", action="store_true", help="skip completed runs, continue interrupted ones")
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from fedvit.study import run_study, to_markdown
+
+    outcome = run_study(
+        _run_config(args),
+        output_dir=args.output_dir,
+        engine=args.engine,
+        only=args.only,
+        resume=args.resume,
+        progress=_err,
+    )
+    print(to_markdown(outcome.rows), end="", flush=True)
+    print(f"study: {outcome.study_dir / 'study.md'}", flush=True)
+    if outcome.failed:
+        _err(f"error: {len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}")
+        return 1
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 #: One function per subcommand; each registers its parser (see the module docstring).
@@ -230,6 +284,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_partition,
     _add_config,
     _add_report,
+    _add_study,
 ]
 
 

@@ -30,8 +30,8 @@ def _one_line_error(err: str, *needles: str) -> None:
 def test_subcommands_are_the_real_ones_only() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "partition", "config", "report"}  # no do-nothing stubs
-    assert len(COMMANDS) == 4
+    assert set(sub.choices) == {"run", "partition", "config", "report", "study"}  # no do-nothing stubs
+    assert len(COMMANDS) == 5
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
