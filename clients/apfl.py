@@ -30,6 +30,7 @@ latest aggregated ``w`` and the client's ``v_i`` and ``α_i``. Only ``w`` is eve
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -41,7 +42,17 @@ from clients.base import ClientSetup, PartialClient
 from fedvit.config import ConfigError
 from fedvit.params import get_arrays, set_arrays
 from fedvit.registry import method_options, register_client
-from fedvit.training import EvalResult, TrainingError, TrainResult, evaluate, make_loader, make_optimizer
+from fedvit.training import (
+    EvalResult,
+    Tally,
+    TrainingError,
+    TrainResult,
+    count_steps,
+    cycle,
+    evaluate,
+    make_loader,
+    make_optimizer,
+)
 
 V_PREFIX = "apfl.v."
 ALPHA_KEY = "apfl.alpha"
@@ -169,28 +180,20 @@ class APFLClient(PartialClient):
     def local_train(self, server_round: int) -> TrainResult:
         tc, opts = self.cfg.train, self.options
         loader = self.train_loader(server_round)
-        if len(loader.dataset) == 0:  # type: ignore[arg-type]
-            raise TrainingError("empty training set")
+        steps = count_steps(tc, loader)
         w = self.model.to(self.device).train()
         v = self.private_model.to(self.device).train()
         opt_w = make_optimizer(w.parameters(), tc)
         opt_v = make_optimizer(v.parameters(), tc)
-        max_steps = tc.local_steps if tc.local_steps is not None else tc.local_epochs * len(loader)
-        total_loss, correct, seen, step = 0.0, 0, 0, 0
-        while step < max_steps:
-            for x, y in loader:
-                x, y = x.to(self.device), y.to(self.device)
-                self.alpha, loss, logits = apfl_step(
-                    w, v, self.alpha, x, y, opt_w, opt_v,
-                    adaptive=opts.adaptive_alpha, alpha_lr=opts.alpha_lr, grad_clip=tc.grad_clip,
-                )  # fmt: skip
-                total_loss += loss * len(y)
-                correct += (logits.argmax(dim=1) == y).sum().item()
-                seen += len(y)
-                step += 1
-                if step >= max_steps:
-                    break
-        return TrainResult(loss=total_loss / seen, accuracy=correct / seen, num_examples=seen, num_steps=step)
+        tally = Tally()
+        for x, y in itertools.islice(cycle(loader), steps):
+            x, y = x.to(self.device), y.to(self.device)
+            self.alpha, loss, logits = apfl_step(
+                w, v, self.alpha, x, y, opt_w, opt_v,
+                adaptive=opts.adaptive_alpha, alpha_lr=opts.alpha_lr, grad_clip=tc.grad_clip,
+            )  # fmt: skip
+            tally.add(loss, logits, y)
+        return tally.result(steps)
 
     def fit(self, parameters, config):
         params, num_examples, metrics = super().fit(parameters, config)

@@ -43,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from clients.base import PartialClient
 from fedvit.config import ConfigError
 from fedvit.registry import register_client
-from fedvit.training import TrainingError, TrainResult, make_loader, make_optimizer
+from fedvit.training import TrainingError, TrainResult, count_steps, cycle, make_loader, make_optimizer
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params, Any], torch.Tensor]
@@ -152,11 +152,6 @@ def perfedavg_step(
     return loss, int((logits.argmax(dim=1) == y).sum().item())
 
 
-def _cycle(loader) -> Iterator[Any]:
-    while True:
-        yield from loader
-
-
 @register_client("perfedavg")
 class PerFedAvgClient(PartialClient):
     """MAML-style local training (FO or HF); evaluation after a few local adaptation steps."""
@@ -187,17 +182,12 @@ class PerFedAvgClient(PartialClient):
     def local_train(self, server_round: int) -> TrainResult:
         tc, opts = self.cfg.train, self.options
         loader = self.train_loader(server_round)
-        if len(loader.dataset) == 0:  # type: ignore[arg-type]
-            raise TrainingError("empty training set")
         per_step = self.batches_per_step()
-        if tc.local_steps is not None:
-            steps = tc.local_steps
-        else:
-            steps = max(1, math.ceil(tc.local_epochs * len(loader) / per_step))
+        steps = count_steps(tc, loader, per_step)
         model = self.model.to(self.device).train()
         outer_tc = dataclasses.replace(tc, lr=opts.outer_lr if opts.outer_lr is not None else tc.lr)
         optimizer = make_optimizer(model.parameters(), outer_tc)
-        batches = _cycle(loader)
+        batches = cycle(loader)
         total, correct, seen = 0.0, 0, 0
         for _ in range(steps):
             step_batches = [tuple(t.to(self.device) for t in next(batches)) for _ in range(per_step)]
@@ -218,7 +208,7 @@ class PerFedAvgClient(PartialClient):
             return
         seed = self.cfg.seed * 1_000_003 + server_round * 10_007 + self.client_id + 7_919
         loader = make_loader(self.data.train, self.cfg.train.batch_size, shuffle=True, seed=seed)
-        adapt(self.model, _cycle(loader), steps, self.options.inner_lr, self.device)
+        adapt(self.model, cycle(loader), steps, self.options.inner_lr, self.device)
 
 
 def adapt(model: nn.Module, batches: Iterator[Any], steps: int, lr: float, device: torch.device) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,6 +64,43 @@ def make_loader(
     )
 
 
+def cycle(loader: DataLoader) -> Iterator[Any]:
+    """Batches of ``loader`` without end, epoch after epoch (each epoch reshuffled)."""
+    while True:
+        yield from loader
+
+
+def count_steps(tc: TrainConfig, loader: DataLoader, batches_per_step: int = 1) -> int:
+    """Local steps of a round: ``tc.local_steps``, else enough for ``tc.local_epochs`` passes."""
+    if len(loader.dataset) == 0:  # type: ignore[arg-type]
+        raise TrainingError("empty training set")
+    if tc.local_steps is not None:
+        return tc.local_steps
+    return max(1, math.ceil(tc.local_epochs * len(loader) / batches_per_step))
+
+
+@dataclass
+class Tally:
+    """Running loss / accuracy of local training."""
+
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def add(self, loss: float, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss += loss * len(y)
+        self.correct += int((logits.argmax(dim=1) == y).sum().item())
+        self.seen += len(y)
+
+    def result(self, steps: int) -> TrainResult:
+        return TrainResult(
+            loss=self.loss / self.seen,
+            accuracy=self.correct / self.seen,
+            num_examples=self.seen,
+            num_steps=steps,
+        )
+
+
 def make_optimizer(params: Iterable[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
     """SGD (with momentum) or AdamW from the train config."""
     params = [p for p in params if p.requires_grad]
@@ -106,32 +145,26 @@ def train_local(
     autocast, amp_dtype = _autocast(device, tc.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     model.to(device).train()
-    total_loss, correct, seen, step = 0.0, 0, 0, 0
+    tally = Tally()
     max_steps = steps if steps is not None else epochs * len(loader)  # type: ignore[operator]
-    while step < max_steps:
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            if not math.isfinite(loss.item()):
-                raise TrainingError(
-                    f"loss is {loss.item()} at local step {step}: lower train.lr or check the data"
-                )
-            scaler.scale(loss).backward()
-            if tc.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(dim=1) == y).sum().item()
-            seen += len(y)
-            step += 1
-            if step >= max_steps:
-                break
-    return TrainResult(loss=total_loss / seen, accuracy=correct / seen, num_examples=seen, num_steps=step)
+    for step, (x, y) in enumerate(itertools.islice(cycle(loader), max_steps)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        if not math.isfinite(loss.item()):
+            raise TrainingError(
+                f"loss is {loss.item()} at local step {step}: lower train.lr or check the data"
+            )
+        scaler.scale(loss).backward()
+        if tc.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        tally.add(loss.item(), logits, y)
+    return tally.result(max_steps)
 
 
 @torch.no_grad()

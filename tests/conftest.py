@@ -40,3 +40,38 @@ def mark(monkeypatch: pytest.MonkeyPatch) -> str:
 def tiny_app(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A numpy-only Flower app written to a temporary directory (see tests/tinyapp.py)."""
     return write_tiny_app(tmp_path_factory.mktemp("apps"))
+
+
+class Replies(list):
+    """(message type, client id, reply) of every ClientApp reply; ``train``: (client id, reply)
+    of the training replies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train: list = []
+
+
+@pytest.fixture
+def capture_replies(monkeypatch: pytest.MonkeyPatch) -> Replies:
+    """Record every reply the fedvit ClientApp returns (in-process federations)."""
+    from fedvit import client_app
+
+    replies = Replies()
+    original = client_app.app.__call__
+
+    def spy(self, message, context):
+        reply = original(message, context)
+        kind, cid = message.metadata.message_type, context.node_config["partition-id"]
+        replies.append((kind, cid, reply))
+        if kind == "train":
+            replies.train.append((cid, reply))
+        return reply
+
+    monkeypatch.setattr(type(client_app.app), "__call__", spy)
+    return replies
+
+
+@pytest.fixture
+def train_replies(capture_replies: Replies) -> list:
+    """(client id, reply) of every training reply."""
+    return capture_replies.train

@@ -5,11 +5,11 @@ after aggregation, results, resume."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fedhelpers import stored_private
 
 from fedvit.config import load_config
 from fedvit.inprocess import InProcessGrid
@@ -36,31 +36,6 @@ def federate(tmp_path: Path, method: str, rounds: int = 2, extra: str = "", **kw
     grid = InProcessGrid(rc, 3)
     run_dir = run(grid, load_config(rc))
     return grid, json.loads((run_dir / "results.json").read_text()), run_dir
-
-
-@pytest.fixture
-def capture_replies(monkeypatch):
-    """Record every reply a ClientApp returns."""
-    from fedvit import client_app
-
-    replies = []
-    original = client_app.app.__call__
-
-    def spy(self, message, context):
-        reply = original(message, context)
-        replies.append((message.metadata.message_type, context.node_config["partition-id"], reply))
-        return reply
-
-    monkeypatch.setattr(type(client_app.app), "__call__", spy)
-    return replies
-
-
-def stored_private(cid: int, run_name: str) -> dict[str, np.ndarray]:
-    """Client ``cid``'s saved private state of the (single) run called ``run_name``."""
-    root = Path(os.environ["FEDVIT_STATE_DIR"])
-    (path,) = root.glob(f"{run_name}-*/client-{cid}/private.npz")
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
 
 
 def test_fedper_sends_only_the_shared_split_and_keeps_the_head(tmp_path: Path, capture_replies) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedhelpers import stored_private
 from torch import nn
 
 from clients.apfl import ALPHA_KEY, V_PREFIX, AlphaMix, APFLClient, apfl_step
@@ -103,29 +104,6 @@ def federate(tmp_path: Path, method: str, rounds: int, extra: str = "", run_name
     rc = run_config(tmp_path, method, rounds, extra, run_name)
     run_dir = run(InProcessGrid(rc, 3), load_config(rc))
     return json.loads((run_dir / "results.json").read_text()), run_dir
-
-
-def stored_private(cid: int, run_name: str) -> dict[str, np.ndarray]:
-    (path,) = Path(os.environ["FEDVIT_STATE_DIR"]).glob(f"{run_name}-*/client-{cid}/private.npz")
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
-@pytest.fixture
-def capture_replies(monkeypatch):
-    """Record every (message type, client id, reply) the ClientApp returns."""
-    from fedvit import client_app
-
-    replies = []
-    original = client_app.app.__call__
-
-    def spy(self, message, context):
-        reply = original(message, context)
-        replies.append((message.metadata.message_type, context.node_config["partition-id"], reply))
-        return reply
-
-    monkeypatch.setattr(type(client_app.app), "__call__", spy)
-    return replies
 
 
 # ----------------------------------------------------------------------------- APFL

@@ -5,12 +5,12 @@ tiny in-process federation (3 clients, a one-block ViT, 60 training examples per
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fedhelpers import stored_private
 
 from fedvit.config import ConfigError, load_config
 from fedvit.inprocess import InProcessGrid
@@ -47,31 +47,6 @@ def initial_state(tmp_path: Path, method: str) -> dict[str, torch.Tensor]:
     from fedvit.models import build_model
 
     return build_model(load_config(run_config(tmp_path, method))).state_dict()
-
-
-def stored_private(cid: int, run_name: str) -> dict[str, np.ndarray]:
-    root = Path(os.environ["FEDVIT_STATE_DIR"])
-    (path,) = root.glob(f"{run_name}-*/client-{cid}/private.npz")
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
-@pytest.fixture
-def train_replies(monkeypatch) -> list:
-    """(client id, reply) of every training reply a ClientApp returns."""
-    from fedvit import client_app
-
-    replies = []
-    original = client_app.app.__call__
-
-    def spy(self, message, context):
-        reply = original(message, context)
-        if message.metadata.message_type == "train":
-            replies.append((context.node_config["partition-id"], reply))
-        return reply
-
-    monkeypatch.setattr(type(client_app.app), "__call__", spy)
-    return replies
 
 
 @pytest.fixture
