@@ -239,3 +239,18 @@ def test_bad_config_exits_2_with_one_line(
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("fedvit: error: ") and needle in err[0], err
     assert not (tmp_path / "study.md").exists()
+
+
+def test_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    kw = {"output_dir": out, "engine": "inprocess", "only": ["all-global"], "progress": lambda m: None}
+    assert run_study(base_rc(tmp_path), **kw).ok
+    results = out / "wtp-all-global" / "results.json"
+    data = json.loads(results.read_text())
+    data["status"] = "running"  # as if the study was killed after round 1 of 2
+    results.write_text(json.dumps(data))
+    res = run_study(base_rc(tmp_path, **{"num-server-rounds": 2}), resume=True, **kw)
+    assert res.ok and res.ran == ["wtp-all-global"]
+    data = json.loads(results.read_text())
+    assert data["status"] == "completed" and data["resumed_at_round"] == 1
+    assert [r["round"] for r in data["rounds"]] == [1, 2]
