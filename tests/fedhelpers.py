@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,3 +14,36 @@ def stored_private(cid: int, run_name: str) -> dict[str, np.ndarray]:
     (path,) = Path(os.environ["FEDVIT_STATE_DIR"]).glob(f"{run_name}-*/client-{cid}/private.npz")
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
+
+
+def run_config(
+    tmp_path: Path,
+    method: str,
+    tiny: str,
+    rounds: int = 1,
+    extra: str = "",
+    cache: Path | None = None,
+    **keys,
+) -> dict:
+    """Run config of a small in-process federation of 3 clients on digits (``tiny``: model and
+    data overrides); ``keys`` are further Flower run-config keys (``resume=...``)."""
+    return {
+        "method": method,
+        "num-server-rounds": rounds,
+        "num-clients": 3,
+        "output-dir": str(tmp_path / "out"),
+        "run-name": method,
+        "overrides": f"{tiny} data.cache_dir={cache or tmp_path / 'cache'} output.plots=false {extra}",
+        **keys,
+    }
+
+
+def federate(rc: dict):
+    """Run ``rc`` in-process (the real ServerApp and ClientApp); (grid, results.json, run dir)."""
+    from fedvit.config import load_config
+    from fedvit.inprocess import InProcessGrid
+    from fedvit.server_app import run
+
+    grid = InProcessGrid(rc, rc["num-clients"])
+    run_dir = run(grid, load_config(rc))
+    return grid, json.loads((run_dir / "results.json").read_text()), run_dir

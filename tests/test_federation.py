@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fedhelpers
 import numpy as np
 import pytest
 from fedhelpers import stored_private
@@ -19,23 +20,11 @@ TINY = "model.depth=2 model.embed_dim=32 model.num_heads=2 train.batch_size=64"
 
 
 def run_config(tmp_path: Path, method: str, rounds: int = 2, extra: str = "", **kw) -> dict:
-    rc = {
-        "method": method,
-        "num-server-rounds": rounds,
-        "num-clients": 3,
-        "output-dir": str(tmp_path / "out"),
-        "run-name": method,
-        "overrides": f"{TINY} data.cache_dir={tmp_path / 'cache'} output.plots=false {extra}",
-    }
-    rc.update(kw)
-    return rc
+    return fedhelpers.run_config(tmp_path, method, TINY, rounds, extra, **kw)
 
 
 def federate(tmp_path: Path, method: str, rounds: int = 2, extra: str = "", **kw):
-    rc = run_config(tmp_path, method, rounds, extra, **kw)
-    grid = InProcessGrid(rc, 3)
-    run_dir = run(grid, load_config(rc))
-    return grid, json.loads((run_dir / "results.json").read_text()), run_dir
+    return fedhelpers.federate(run_config(tmp_path, method, rounds, extra, **kw))
 
 
 def test_fedper_sends_only_the_shared_split_and_keeps_the_head(tmp_path: Path, capture_replies) -> None:

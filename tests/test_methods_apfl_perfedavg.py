@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import fedhelpers
 import numpy as np
 import pytest
 import torch
@@ -90,20 +91,14 @@ def make_setup(cfg, store_dir: Path, client_id: int = 0) -> ClientSetup:
 def run_config(
     tmp_path: Path, method: str, rounds: int, extra: str = "", run_name: str | None = None
 ) -> dict:
-    return {
-        "method": method,
-        "num-server-rounds": rounds,
-        "num-clients": 3,
-        "output-dir": str(tmp_path / "out"),
-        "run-name": run_name or method,
-        "overrides": f"{TINY} data.cache_dir={CACHE} output.plots=false {extra}",
-    }
+    return fedhelpers.run_config(
+        tmp_path, method, TINY, rounds, extra, CACHE, **{"run-name": run_name or method}
+    )
 
 
 def federate(tmp_path: Path, method: str, rounds: int, extra: str = "", run_name: str | None = None):
-    rc = run_config(tmp_path, method, rounds, extra, run_name)
-    run_dir = run(InProcessGrid(rc, 3), load_config(rc))
-    return json.loads((run_dir / "results.json").read_text()), run_dir
+    _, results, run_dir = fedhelpers.federate(run_config(tmp_path, method, rounds, extra, run_name))
+    return results, run_dir
 
 
 # ----------------------------------------------------------------------------- APFL
@@ -420,8 +415,6 @@ def test_perfedavg_federation_completes_and_sends_only_the_meta_trained_model(
 
 def test_apfl_results_count_the_private_model_and_the_second_forward(tmp_path) -> None:
     from fedvit.config import load_config
-    from fedvit.inprocess import InProcessGrid
-    from fedvit.server_app import run
 
     results = {}
     for method in ("fedavg", "apfl"):

@@ -4,18 +4,16 @@ tiny in-process federation (3 clients, a one-block ViT, 60 training examples per
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import fedhelpers
 import numpy as np
 import pytest
 import torch
 from fedhelpers import stored_private
 
 from fedvit.config import ConfigError, load_config
-from fedvit.inprocess import InProcessGrid
 from fedvit.params import UpdateError, parameter_groups
-from fedvit.server_app import run
 from strategies.base import ClientUpdate, RoundFailedError, to_numpy, to_record
 from strategies.server_opt import ServerOptStrategy
 
@@ -27,20 +25,12 @@ HEAD = {"head.weight", "head.bias", "norm.weight", "norm.bias"}  # the `head` gr
 
 
 def run_config(tmp_path: Path, method: str, rounds: int = 1, extra: str = "") -> dict:
-    return {
-        "method": method,
-        "num-server-rounds": rounds,
-        "num-clients": 3,
-        "output-dir": str(tmp_path / "out"),
-        "run-name": method,
-        "overrides": f"{TINY} data.cache_dir={tmp_path / 'cache'} output.plots=false {extra}",
-    }
+    return fedhelpers.run_config(tmp_path, method, TINY, rounds, extra)
 
 
 def federate(tmp_path: Path, method: str, rounds: int = 1, extra: str = "") -> tuple[dict, Path]:
-    rc = run_config(tmp_path, method, rounds, extra)
-    run_dir = run(InProcessGrid(rc, 3), load_config(rc))
-    return json.loads((run_dir / "results.json").read_text()), run_dir
+    _, results, run_dir = fedhelpers.federate(run_config(tmp_path, method, rounds, extra))
+    return results, run_dir
 
 
 def initial_state(tmp_path: Path, method: str) -> dict[str, torch.Tensor]:
