@@ -2,9 +2,10 @@
 federated training; only the body is trained and aggregated. At evaluation each client
 fine-tunes a copy of the head on its own train split and tests with it.
 
-The head is the **private split** (``method.private: [head]``: the classifier and its pre-head
-norm). It never changes during training, so keeping it private loses nothing: every client
-builds the same seeded initialization, nothing of it is sent, and the stored private state is
+The head is the **private split** (``method.private: [classifier]``: the linear classifier, as
+in the paper; the pre-head norm is part of the trained body). It never changes during
+training, so keeping it private loses nothing: every client builds the same seeded
+initialization, nothing of it is sent, and the stored private state is
 that initialization after any number of rounds. The fine-tuned head lives only inside one
 ``evaluate`` call: it is never saved, never sent, and the next round trains from the
 initialization again.

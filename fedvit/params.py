@@ -16,6 +16,7 @@ ViT groups (timm ``VisionTransformer``; ``i`` runs over blocks):
 ``attn.proj``    ``blocks.i.attn.proj``
 ``mlp``          ``blocks.i.mlp``, ``blocks.i.ls2``
 ``head``         ``head`` and the pre-head norm (``norm``, ``fc_norm``)
+``classifier``   ``head`` alone (the linear classifier, without the pre-head norm)
 ``block.<i>``    ``blocks.i`` (``block.-1`` is the last block)
 ``all``          every key (the "Local" baseline keeps everything private)
 ==============  =============================================================
@@ -38,7 +39,15 @@ from torch import nn
 
 LAYER_TYPES = ("patch_embed", "pos_embed", "norm", "attn", "mlp", "head")
 PLUGIN_GROUPS = ("prefix", "adapter", "exit")
-KNOWN_GROUP_PATTERNS = (*LAYER_TYPES, "attn.qkv", "attn.proj", "block.<i>", "all", *PLUGIN_GROUPS)
+KNOWN_GROUP_PATTERNS = (
+    *LAYER_TYPES,
+    "classifier",
+    "attn.qkv",
+    "attn.proj",
+    "block.<i>",
+    "all",
+    *PLUGIN_GROUPS,
+)
 _BLOCK_RE = re.compile(r"^block\.(-?\d+)$")
 
 
@@ -65,6 +74,7 @@ def _vit_module_paths(depth: int) -> dict[str, list[str]]:
         "attn.proj": [f"{b}.attn.proj" for b in blocks],
         "mlp": [p for b in blocks for p in (f"{b}.mlp", f"{b}.ls2")],
         "head": ["head", "norm", "fc_norm"],
+        "classifier": ["head"],
         "all": [""],
     }
     for i, b in enumerate(blocks):

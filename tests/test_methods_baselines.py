@@ -22,6 +22,7 @@ TINY = (
     "train.batch_size=32 train.local_epochs=1"
 )
 HEAD = {"head.weight", "head.bias", "norm.weight", "norm.bias"}  # the `head` group
+CLASSIFIER = {"head.weight", "head.bias"}  # the `classifier` group (FedBABU)
 
 
 def run_config(tmp_path: Path, method: str, rounds: int = 1, extra: str = "") -> dict:
@@ -68,7 +69,7 @@ NEVER_SENT = {
     "fedbn": {"blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.0.norm2.weight", "norm.weight"},
     "vanilla-attention": {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", *HEAD},
     "fedrep": HEAD,
-    "fedbabu": HEAD,
+    "fedbabu": CLASSIFIER,
     "fedsim": HEAD,
     "fedalt": HEAD,
 }
@@ -191,10 +192,11 @@ def test_fedbabu_keeps_the_head_at_its_init_and_fine_tunes_a_copy_only_for_evalu
     for cid in range(3):  # after FL rounds every client's head is still the (shared) init
         for k, v in stored_private(cid, "fedbabu").items():
             np.testing.assert_array_equal(v, init[k].numpy())
-    training = [c for c in calls if not c["changed"] & HEAD]
-    finetuning = [c for c in calls if c["changed"] & HEAD]
+    training = [c for c in calls if not c["changed"] & CLASSIFIER]
+    finetuning = [c for c in calls if c["changed"] & CLASSIFIER]
     assert len(training) == len(finetuning) == 6  # 2 rounds x 3 clients each
-    assert all(c["changed"] <= HEAD for c in finetuning)  # fine-tuning trains the head only
+    assert all(c["changed"] <= CLASSIFIER for c in finetuning)  # fine-tuning trains the head only
+    assert all("norm.weight" in c["changed"] for c in training)  # the pre-head norm is body
     for c in calls:  # training and fine-tuning both start from the init head, never a fine-tuned one
         assert torch.equal(c["before"]["head.weight"], init["head.weight"])
     assert len(evaluated_heads) == 12  # test + val per client and round
@@ -207,7 +209,7 @@ def test_fedbabu_without_fine_tuning_evaluates_the_init_head(tmp_path: Path, pha
 
     calls = phases(clients.fedbabu)
     federate(tmp_path, "fedbabu", extra="method.options.finetune_epochs=0")
-    assert len(calls) == 3 and not any(c["changed"] & HEAD for c in calls)
+    assert len(calls) == 3 and not any(c["changed"] & CLASSIFIER for c in calls)
 
 
 # --------------------------------------------------------------------------- server optimizer

@@ -41,6 +41,7 @@ def test_groups_use_exact_module_paths_not_substrings(model) -> None:
         f"blocks.{i}.attn.qkv.{p}" for i in range(12) for p in ("weight", "bias")
     }
     assert set(groups["head"]) == {"head.weight", "head.bias", "norm.weight", "norm.bias"}
+    assert set(groups["classifier"]) == {"head.weight", "head.bias"}
     assert set(groups["pos_embed"]) == {"pos_embed", "cls_token"}
     assert "blocks.0.norm1.weight" in groups["norm"] and "blocks.0.norm1.weight" not in groups["attn"]
 
