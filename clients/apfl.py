@@ -39,9 +39,8 @@ import torch
 from torch import nn
 
 from clients.base import ClientSetup, PartialClient
-from fedvit.config import ConfigError
 from fedvit.params import get_arrays, set_arrays
-from fedvit.registry import method_options, register_client
+from fedvit.registry import method_options, option_error, register_client
 from fedvit.training import (
     EvalResult,
     Tally,
@@ -121,9 +120,9 @@ class APFLClient(PartialClient):
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.alpha <= 1.0:
-                raise ConfigError(f"key 'method.options.alpha': must be in [0, 1], got {self.alpha}")
+                raise option_error("alpha", f"must be in [0, 1], got {self.alpha}")
             if self.alpha_lr < 0:
-                raise ConfigError(f"key 'method.options.alpha_lr': must be >= 0, got {self.alpha_lr}")
+                raise option_error("alpha_lr", f"must be >= 0, got {self.alpha_lr}")
 
     def __init__(self, setup: ClientSetup) -> None:
         # Before the base class restores the private state: v_i starts as a copy of the seeded

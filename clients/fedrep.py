@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clients.base import ClientSetup, PartialClient, trainable_only
-from fedvit.config import ConfigError
-from fedvit.registry import register_client
+from fedvit.registry import option_error, register_client
 from fedvit.training import TrainResult, train_local
 
 
@@ -38,7 +37,7 @@ class Phase:
 
 def check_epochs(value: int | None, key: str, minimum: int) -> None:
     if value is not None and value < minimum:
-        raise ConfigError(f"key 'method.options.{key}': must be >= {minimum}, got {value}")
+        raise option_error(key, f"must be >= {minimum}, got {value}")
 
 
 class AlternatingClient(PartialClient):

@@ -41,8 +41,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clients.base import PartialClient
-from fedvit.config import ConfigError
-from fedvit.registry import register_client
+from fedvit.registry import option_error, register_client
 from fedvit.training import TrainingError, TrainResult, count_steps, cycle, make_loader, make_optimizer
 
 Params = dict[str, torch.Tensor]
@@ -168,13 +167,11 @@ class PerFedAvgClient(PartialClient):
         def __post_init__(self) -> None:
             for key in ("inner_lr", "hf_delta"):
                 if not getattr(self, key) > 0:
-                    raise ConfigError(f"key 'method.options.{key}': must be > 0, got {getattr(self, key)}")
+                    raise option_error(key, f"must be > 0, got {getattr(self, key)}")
             if self.outer_lr is not None and not self.outer_lr > 0:
-                raise ConfigError(f"key 'method.options.outer_lr': must be > 0, got {self.outer_lr}")
+                raise option_error("outer_lr", f"must be > 0, got {self.outer_lr}")
             if self.eval_adapt_steps < 0:
-                raise ConfigError(
-                    f"key 'method.options.eval_adapt_steps': must be >= 0, got {self.eval_adapt_steps}"
-                )
+                raise option_error("eval_adapt_steps", f"must be >= 0, got {self.eval_adapt_steps}")
 
     def batches_per_step(self) -> int:
         return 3 if self.options.variant is Variant.hf else 2

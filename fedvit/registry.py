@@ -82,6 +82,13 @@ def get_client(name: str) -> Any:
     return table[name]
 
 
+def option_error(key: str, message: str) -> Exception:
+    """The one error for a bad ``method.options.<key>`` (raise it from an ``Options.__post_init__``)."""
+    from fedvit.config import ConfigError
+
+    return ConfigError(f"key 'method.options.{key}': {message}")
+
+
 def _schema_fields(cls: type) -> set[str]:
     schema = getattr(cls, "Options", None)
     return {f.name for f in dataclasses.fields(schema)} if schema is not None else set()

@@ -29,19 +29,14 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 
-from fedvit.config import ConfigError
 from fedvit.params import UpdateError
-from fedvit.registry import register_strategy
+from fedvit.registry import option_error, register_strategy
 from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record
 
 
 class ServerOptimizer(enum.StrEnum):
     sgd = "sgd"
     adam = "adam"
-
-
-def _option_error(key: str, message: str) -> ConfigError:
-    return ConfigError(f"key 'method.options.{key}': {message}")
 
 
 def pseudo_gradient(updates: list[ClientUpdate], current: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,12 +66,12 @@ class ServerOptStrategy(PersonalizedStrategy):
         def __post_init__(self) -> None:
             self.server_opt = ServerOptimizer(self.server_opt)
             if not self.server_lr > 0:
-                raise _option_error("server_lr", f"must be > 0, got {self.server_lr}")
+                raise option_error("server_lr", f"must be > 0, got {self.server_lr}")
             for key in ("server_momentum", "beta1", "beta2"):
                 if not 0 <= getattr(self, key) < 1:
-                    raise _option_error(key, f"must be in [0, 1), got {getattr(self, key)}")
+                    raise option_error(key, f"must be in [0, 1), got {getattr(self, key)}")
             if not self.eps > 0:
-                raise _option_error("eps", f"must be > 0, got {self.eps}")
+                raise option_error("eps", f"must be > 0, got {self.eps}")
 
     def __init__(self, *, options: Options | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
