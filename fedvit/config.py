@@ -91,8 +91,19 @@ class DataConfig:
 
 
 @dataclass
+class PrefixConfig:
+    """K/V prefixes on self-attention (fedvit.models.prefix): FedPerfix or prefix-tuning."""
+
+    kind: str = "none"  # none | fedperfix (local adapters) | vanilla (learned prefix tokens)
+    depth: int | None = None  # prefixes on the last `depth` blocks; None: every block
+    mid: int | None = None  # fedperfix adapter width; None: 2/3 of embed_dim (256 for ViT-S)
+    scale: float = 1.5  # fedperfix: the adapter output is multiplied by this
+    length: int = 8  # vanilla: prefix tokens per block (for K and for V)
+
+
+@dataclass
 class ModelConfig:
-    """A timm VisionTransformer."""
+    """A timm VisionTransformer (with optional plugins)."""
 
     name: str = "vit-tiny"
     arch: str = "vit"
@@ -106,6 +117,7 @@ class ModelConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     pretrained: str | None = None  # local checkpoint path (state dict), never a hub
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
 
 
 @dataclass
@@ -209,6 +221,9 @@ OVERRIDES_KEY = "overrides"
 PARTITION_KINDS = ("iid", "dirichlet", "pathological", "natural")
 DATA_SOURCES = ("sklearn-digits", "parquet", "medmnist-npz", "femnist-npz", "hub")
 OPTIMIZERS = ("sgd", "adamw")
+PREFIX_KINDS = ("none", "fedperfix", "vanilla")
+# Plugin parameter groups and the model.prefix.kind that creates them.
+PLUGIN_OF_GROUP = {"adapter": "fedperfix", "prefix": "vanilla"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -419,11 +434,24 @@ def validate(cfg: FedvitConfig) -> None:
     _check(0 <= m.drop_rate < 1 and 0 <= m.drop_path_rate < 1, "model.drop_rate", "must be in [0, 1)")
     if m.pretrained:
         _check(Path(m.pretrained).expanduser().is_file(), "model.pretrained", f"no such file: {m.pretrained}")
+    pf = m.prefix
+    _check(pf.kind in PREFIX_KINDS, "model.prefix.kind", f"must be one of {PREFIX_KINDS}, got '{pf.kind}'")
+    if pf.depth is not None:
+        _check(1 <= pf.depth <= m.depth, "model.prefix.depth", f"must be in [1, model.depth={m.depth}]")
+    if pf.mid is not None:
+        _check(pf.mid >= 1, "model.prefix.mid", f"must be >= 1, got {pf.mid}")
+    _check(pf.length >= 1, "model.prefix.length", f"must be >= 1, got {pf.length}")
     for group in cfg.method.private:
         _check(
             is_known_group(group, m.depth),
             "method.private",
             f"unknown parameter group '{group}'; known: {KNOWN_GROUP_PATTERNS}",
+        )
+        needs = PLUGIN_OF_GROUP.get(group)
+        _check(
+            needs is None or pf.kind == needs,
+            "method.private",
+            f"group '{group}' needs model.prefix.kind={needs}, got '{pf.kind}'",
         )
     known_strategies, known_clients = strategies(), clients()
     _check(

@@ -21,7 +21,9 @@ ViT groups (timm ``VisionTransformer``; ``i`` runs over blocks):
 ``all``          every key (the "Local" baseline keeps everything private)
 ==============  =============================================================
 
-Models that add modules (prefixes, adapters, exits) declare further groups with a method
+Plugin modules (prefixes, adapters, exits) name their group with a class attribute
+``parameter_group`` (e.g. ``blocks.3.kv_adapter`` of :class:`fedvit.models.prefix.KVAdapter`
+is in group ``adapter``); a model may also declare further groups with a method
 ``extra_parameter_groups() -> dict[str, list[str]]`` returning module paths.
 
 The :class:`ParameterSplit` is the one place that defines what leaves a client.
@@ -96,6 +98,10 @@ def parameter_groups(model: nn.Module) -> dict[str, tuple[str, ...]]:
     """Every named group of ``model`` as a tuple of state-dict keys (state-dict order)."""
     depth = model_depth(model)
     paths = _vit_module_paths(depth)
+    for path, module in model.named_modules():
+        group = getattr(type(module), "parameter_group", None)
+        if group is not None:
+            paths.setdefault(group, []).append(path)
     extra = getattr(model, "extra_parameter_groups", None)
     if callable(extra):
         for name, mod_paths in extra().items():

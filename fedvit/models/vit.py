@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fedvit.config import FedvitConfig, model_img_size
+from fedvit.models.prefix import add_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,26 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     return skipped
 
 
+def prefix_mid(cfg: FedvitConfig) -> int:
+    """FedPerfix adapter width: ``model.prefix.mid``, else 2/3 of the width (256 for ViT-S)."""
+    mid = cfg.model.prefix.mid
+    return mid if mid is not None else max(1, 2 * cfg.model.embed_dim // 3)
+
+
 def build_model(cfg: FedvitConfig) -> nn.Module:
     """Build the model of a run with a seeded initialization.
 
     Every client and the server build the same initial weights from ``cfg.seed``, so the
     private parts start where the shared parts start (as in FedPer's reference code).
+    Plugins (``model.prefix``) are created after the backbone, so a backbone's initial
+    weights do not depend on its plugins.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_vit(cfg)
+        pf = cfg.model.prefix
+        if pf.kind != "none":
+            add_prefixes(model, pf.kind, pf.depth, prefix_mid(cfg), pf.scale, pf.length)
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained)
     return model
