@@ -138,7 +138,7 @@ def test_the_backbone_starts_from_the_same_weights_as_fedavg() -> None:
 # --------------------------------------------------------------------------- the split
 
 
-@pytest.mark.parametrize("method, plugin", [("fedperfix", "adapter"), ("prefix-tuning", "prefix")])
+@pytest.mark.parametrize("method, plugin", [("fedperfix", "adapter"), ("vanilla-prefix", "prefix")])
 def test_plugins_and_head_are_private_and_attention_is_shared(method: str, plugin: str) -> None:
     cfg = load_config({"method": method})
     model = build_model(cfg)
@@ -166,7 +166,7 @@ def test_parameter_and_flop_counts_of_the_plugins_match_a_hand_count() -> None:
     plain = build_model(load_config({"method": "fedavg", "overrides": over}))
     perfix = build_model(load_config({"method": "fedperfix", "overrides": f"{over} model.prefix.mid=20"}))
     vanilla = build_model(
-        load_config({"method": "prefix-tuning", "overrides": f"{over} model.prefix.length=6"})
+        load_config({"method": "vanilla-prefix", "overrides": f"{over} model.prefix.length=6"})
     )
     d, mid, length, blocks, n = 48, 20, 6, 2, (16 // 4) ** 2 + 1  # 16 px, patch 4, + class token
 
