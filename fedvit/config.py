@@ -68,15 +68,17 @@ class DataConfig:
     """Where a dataset comes from and how each client's splits are made."""
 
     name: str = "digits"
-    # sklearn-digits | parquet | medmnist-npz | femnist-npz | hub
+    # sklearn-digits | parquet | medmnist-npz | femnist-npz | hub (images) | leaf-shakespeare (text)
     source: str = "sklearn-digits"
+    modality: str = "image"  # image | text (token sequences; the image fields below are then unused)
     path: str | None = None  # local file or folder; relative paths are under data_dir
     data_dir: str = "data"  # root for relative local paths
     hub_id: str | None = None  # Hugging Face dataset id (source: hub)
     hub_config: str | None = None  # Hugging Face dataset config name
     image_key: str = "image"
     label_key: str = "label"
-    num_classes: int = 10
+    num_classes: int = 10  # text: the vocabulary size (inputs and labels share it)
+    seq_len: int = 80  # text: characters per input sequence
     in_chans: int = 1
     image_size: int = 16  # side length images are served at (resized on the fly)
     invert: bool = False  # FEMNIST: LEAF stores white background, dark ink
@@ -103,11 +105,11 @@ class PrefixConfig:
 
 @dataclass
 class ModelConfig:
-    """A timm VisionTransformer (with optional plugins)."""
+    """A timm VisionTransformer or a character Transformer of timm blocks (with optional plugins)."""
 
     name: str = "vit-tiny"
-    arch: str = "vit"
-    img_size: int | None = None  # None: data.image_size
+    arch: str = "vit"  # vit (image modality) | char-transformer (text modality)
+    img_size: int | None = None  # None: data.image_size (vit only)
     patch_size: int = 4
     embed_dim: int = 64
     depth: int = 4
@@ -219,7 +221,11 @@ RUN_CONFIG_KEYS: dict[str, str] = {
 OVERRIDES_KEY = "overrides"
 
 PARTITION_KINDS = ("iid", "dirichlet", "pathological", "natural")
-DATA_SOURCES = ("sklearn-digits", "parquet", "medmnist-npz", "femnist-npz", "hub")
+DATA_SOURCES = ("sklearn-digits", "parquet", "medmnist-npz", "femnist-npz", "hub", "leaf-shakespeare")
+TEXT_SOURCES = ("leaf-shakespeare",)
+MODALITIES = ("image", "text")
+# model.arch -> the data modality it reads.
+ARCH_MODALITY = {"vit": "image", "char-transformer": "text"}
 OPTIMIZERS = ("sgd", "adamw")
 PREFIX_KINDS = ("none", "fedperfix", "vanilla")
 # Plugin parameter groups and the model.prefix.kind that creates them.
@@ -388,6 +394,22 @@ def validate(cfg: FedvitConfig) -> None:
     if t.grad_clip is not None:
         _check(t.grad_clip > 0, "train.grad_clip", "must be > 0 (or null to disable)")
     _check(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got '{d.source}'")
+    _check(d.modality in MODALITIES, "data.modality", f"must be one of {MODALITIES}, got '{d.modality}'")
+    want = "text" if d.source in TEXT_SOURCES else "image"
+    _check(
+        d.modality == want,
+        "data.modality",
+        f"data.source '{d.source}' gives {want} data, but data.modality is '{d.modality}'",
+    )
+    _check(d.seq_len >= 1, "data.seq_len", f"must be >= 1, got {d.seq_len}")
+    if d.source in TEXT_SOURCES:
+        from fedvit.data.text import VOCAB_SIZE
+
+        _check(
+            d.num_classes == VOCAB_SIZE,
+            "data.num_classes",
+            f"'{d.source}' uses LEAF's {VOCAB_SIZE}-character vocabulary, got {d.num_classes}",
+        )
     if d.source == "hub":
         _check(bool(d.hub_id), "data.hub_id", "required when data.source is 'hub'")
     elif d.source != "sklearn-digits":
@@ -414,16 +436,28 @@ def validate(cfg: FedvitConfig) -> None:
         f"must be in [1, data.num_classes={d.num_classes}], got {p.classes_per_client}",
     )
     _check(
-        p.kind != "natural" or d.source in ("femnist-npz", "hub"),
+        p.kind != "natural" or d.source in ("femnist-npz", "hub", *TEXT_SOURCES),
         "data.partition.kind",
-        f"'natural' needs a dataset with a natural client id (femnist), not '{d.name}'",
+        f"'natural' needs a dataset with a natural client id (femnist, shakespeare), not '{d.name}'",
     )
-    _check(m.arch == "vit", "model.arch", f"only 'vit' exists so far, got '{m.arch}'")
-    img = m.img_size if m.img_size is not None else d.image_size
-    _check(img >= m.patch_size, "model.img_size", f"{img} is smaller than model.patch_size {m.patch_size}")
+    _check(m.arch in ARCH_MODALITY, "model.arch", f"must be one of {tuple(ARCH_MODALITY)}, got '{m.arch}'")
     _check(
-        img % m.patch_size == 0, "model.patch_size", f"{m.patch_size} does not divide the image size {img}"
+        ARCH_MODALITY[m.arch] == d.modality,
+        "model.arch",
+        f"'{m.arch}' reads {ARCH_MODALITY[m.arch]} data, but data.modality is '{d.modality}' "
+        f"(dataset '{d.name}'); use model.arch "
+        f"{next(a for a, mod in ARCH_MODALITY.items() if mod == d.modality)!r}",
     )
+    if m.arch == "vit":
+        img = m.img_size if m.img_size is not None else d.image_size
+        _check(
+            img >= m.patch_size, "model.img_size", f"{img} is smaller than model.patch_size {m.patch_size}"
+        )
+        _check(
+            img % m.patch_size == 0,
+            "model.patch_size",
+            f"{m.patch_size} does not divide the image size {img}",
+        )
     _check(m.depth >= 1, "model.depth", "must be >= 1")
     _check(
         m.embed_dim % m.num_heads == 0,

@@ -1,8 +1,10 @@
 """fedvit's data layer: sources, federated partitions, per-client datasets and summaries.
 
-load_source(cfg.data)              -> SourceData (native-size uint8 images, int64 labels, ids)
+load_source(cfg.data)              -> SourceData (native-size uint8 images or int64 token sequences,
+                                      int64 labels, ids)
 build_partition(cfg)               -> Partition (per-client train / val / test indices, cached)
-load_client_datasets(cfg, cid)     -> ClientDatasets (torch datasets, resized + normalized on the fly)
+load_client_datasets(cfg, cid)     -> ClientDatasets (torch datasets: images resized + normalized on the
+                                      fly, or token sequences for data.modality 'text')
 summarize_partition(cfg)           -> list of per-client dicts; format_partition_table(...) -> rich Table
 """
 
@@ -10,6 +12,8 @@ from fedvit.data.datasets import (
     ClientDatasets,
     ImageDataset,
     ImageTransform,
+    TextDataset,
+    dataset_factory,
     load_client_datasets,
     make_transform,
 )
@@ -24,7 +28,7 @@ from fedvit.data.partition import (
     with_test_split,
 )
 from fedvit.data.sources import clear_caches, load_source, resolve_path
-from fedvit.data.store import DataError, ImageStore, SourceData, Split
+from fedvit.data.store import DataError, ImageStore, SampleStore, SourceData, Split, TokenStore
 from fedvit.data.summary import format_partition_table, summarize_partition
 
 
@@ -42,13 +46,17 @@ __all__ = [
     "ImageStore",
     "ImageTransform",
     "Partition",
+    "SampleStore",
     "SourceData",
     "Split",
+    "TextDataset",
+    "TokenStore",
     "build_partition",
     "cache_path",
     "clear_all_caches",
     "clear_caches",
     "clear_memory_cache",
+    "dataset_factory",
     "format_partition_table",
     "load_client_datasets",
     "load_source",

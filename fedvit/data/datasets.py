@@ -1,7 +1,10 @@
-"""Per-client torch datasets that index into a source's image store and transform on the fly."""
+"""Per-client torch datasets that index into a source's sample store: images are transformed on
+the fly (:class:`ImageDataset`), token sequences are served as they are (:class:`TextDataset`).
+``data.modality`` picks which."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,14 +82,45 @@ class ImageDataset(Dataset):
         return self.split.labels[self.indices]
 
 
+class TextDataset(Dataset):
+    """``(int64 token tensor (L,), int label)`` for ``indices`` of one split of token sequences."""
+
+    def __init__(self, split: Split, indices: np.ndarray) -> None:
+        self.split, self.indices = split, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        return torch.from_numpy(np.array(self.split.images[j], dtype=np.int64)), int(self.split.labels[j])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.split.labels[self.indices]
+
+
+ClientDataset = ImageDataset | TextDataset
+
+
+def dataset_factory(cfg: FedvitConfig) -> Callable[[Split, np.ndarray], ClientDataset]:
+    """``(split, indices) -> dataset`` for ``data.modality``: images (transformed) or text."""
+    if cfg.data.modality == "text":
+        return TextDataset
+    if cfg.data.modality != "image":
+        raise DataError(f"key 'data.modality': must be 'image' or 'text', got '{cfg.data.modality}'")
+    tf = make_transform(cfg)
+    return lambda split, indices: ImageDataset(split, indices, tf)
+
+
 @dataclass
 class ClientDatasets:
     """One client's train / val / test datasets."""
 
     client_id: int
-    train: ImageDataset
-    val: ImageDataset
-    test: ImageDataset
+    train: ClientDataset
+    val: ClientDataset
+    test: ClientDataset
     num_classes: int
     class_names: list[str] | None = None
     natural_id: str | None = None  # e.g. the FEMNIST writer of a natural partition
@@ -124,12 +158,12 @@ def load_client_datasets(
         idx = build_partition(cfg).client(client_id)
         source = prepared_source(cfg)
     assert source.test is not None
-    tf = make_transform(cfg)
+    make = dataset_factory(cfg)
     return ClientDatasets(
         client_id,
-        ImageDataset(source.train, idx.train, tf),
-        ImageDataset(source.train, idx.val, tf),
-        ImageDataset(source.test, idx.test, tf),
+        make(source.train, idx.train),
+        make(source.train, idx.val),
+        make(source.test, idx.test),
         cfg.data.num_classes,
         source.class_names,
         idx.natural_id,

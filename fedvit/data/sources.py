@@ -13,6 +13,8 @@ Sources (``data.source``):
                     (also fits ``cifar100_subset.npz``).
 ``hub``             ``datasets.load_dataset(data.hub_id, data.hub_config)``: ``train`` and (if present)
                     ``test``. With a node-config ``data-path`` the same schema is read from local files.
+``leaf-shakespeare`` (text) ``{"train": LEAF-json, "test": LEAF-json}``, gzipped or not: token sequences
+                    of LEAF's 80-character vocabulary, speakers as natural ids (:mod:`fedvit.data.text`).
 
 A local source whose file is missing falls back to the hub when ``data.hub_id`` is set (e.g.
 ``cifar10`` -> ``uoft-cs/cifar10``); without ``data.hub_id`` it raises one :class:`DataError`.
@@ -32,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedvit.config import CONF_DIR, DataConfig
-from fedvit.data.store import ArrayStore, DataError, EncodedStore, ImageStore, SourceData, Split
+from fedvit.data.store import ArrayStore, DataError, EncodedStore, ImageStore, SourceData, Split, TokenStore
+from fedvit.data.text import load_leaf_shakespeare
 
 SPLIT_NAMES = ("train", "test")
 
@@ -131,6 +134,13 @@ def load_source(cfg: DataConfig, path_override: str | None = None) -> SourceData
     keys = (cfg.image_key, cfg.label_key, cfg.partition.id_key)
     hub = (cfg.hub_id, cfg.hub_config, fallback)
     data = _load_cached(source, None if path is None else str(path), stamp, keys, hub)
+    for name, split in (("train", data.train), ("test", data.test)):
+        store = None if split is None or len(split) == 0 else split.images
+        if isinstance(store, TokenStore) and store.seq_len != cfg.seq_len:
+            raise DataError(
+                f"key 'data.seq_len': the {name} sequences of {path} have {store.seq_len} tokens, "
+                f"but data.seq_len is {cfg.seq_len}"
+            )
     return SourceData(cfg.name, data.train, data.test, data.class_names, dict(data.info))
 
 
@@ -160,6 +170,8 @@ def _load_cached(
         data = _load_local_hf(p, image_key, label_key, id_key)
     elif source == "hub":
         data = _load_hub(*hub, image_key, label_key, id_key)
+    elif source == "leaf-shakespeare":
+        data = load_leaf_shakespeare(p)
     else:
         raise DataError(f"key 'data.source': unknown source '{source}'")
     data.info.update({"source": source, "path": path})

@@ -1,9 +1,11 @@
-"""In-memory image stores and labelled splits (the one store abstraction every source uses).
+"""In-memory sample stores and labelled splits (the one store abstraction every source uses).
 
-An :class:`ImageStore` serves images by position as ``uint8`` arrays of shape ``(H, W, C)`` at
-their native size. It holds either one dense array (npz sources, sklearn digits) or a list of
-encoded image bytes (parquet / Hugging Face ``Image`` columns) that are decoded on first access
-and memoized, so an epoch never re-decodes an image and a client only decodes its own images.
+A :class:`SampleStore` serves samples by position. An :class:`ImageStore` serves images as
+``uint8`` arrays of shape ``(H, W, C)`` at their native size. It holds either one dense array (npz
+sources, sklearn digits) or a list of encoded image bytes (parquet / Hugging Face ``Image``
+columns) that are decoded on first access and memoized, so an epoch never re-decodes an image and
+a client only decodes its own images. A :class:`TokenStore` serves token sequences (text sources)
+as ``int64`` arrays of shape ``(L,)``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ class DataError(ConfigError):
     """A data problem (missing file, impossible partition ...), with the config key in the message."""
 
 
-class ImageStore:
-    """Random access to images as ``uint8`` arrays ``(H, W, C)``; O(1) per item."""
+class SampleStore:
+    """Random access to samples (images or token sequences) as numpy arrays; O(1) per item."""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -31,9 +33,35 @@ class ImageStore:
     def __getitem__(self, i: int) -> np.ndarray:
         raise NotImplementedError
 
-    def take(self, indices: np.ndarray) -> ImageStore:
-        """A view of the images at ``indices`` (no pixel copy)."""
+    def take(self, indices: np.ndarray) -> SampleStore:
+        """A view of the samples at ``indices`` (no copy)."""
         return IndexedStore(self, np.asarray(indices, dtype=np.int64))
+
+
+class ImageStore(SampleStore):
+    """Random access to images as ``uint8`` arrays ``(H, W, C)``; O(1) per item."""
+
+
+class TokenStore(SampleStore):
+    """A dense ``int64`` array ``(N, L)`` of token sequences (e.g. character indices)."""
+
+    def __init__(self, tokens: np.ndarray) -> None:
+        if tokens.dtype != np.int64 or tokens.ndim != 2:
+            raise DataError(
+                f"token sequences must be int64 of shape (N, L), got {tokens.dtype} {tokens.shape}"
+            )
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[i]
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence."""
+        return int(self.tokens.shape[1])
 
 
 class ArrayStore(ImageStore):
@@ -81,10 +109,10 @@ class EncodedStore(ImageStore):
         return img
 
 
-class IndexedStore(ImageStore):
+class IndexedStore(SampleStore):
     """A subset of another store (e.g. a held-out test split)."""
 
-    def __init__(self, base: ImageStore, indices: np.ndarray) -> None:
+    def __init__(self, base: SampleStore, indices: np.ndarray) -> None:
         self.base, self.indices = base, indices
 
     def __len__(self) -> int:
@@ -96,16 +124,17 @@ class IndexedStore(ImageStore):
 
 @dataclass
 class Split:
-    """One split of a source: images, ``int64`` labels and optional natural ids (e.g. writers)."""
+    """One split of a source: samples (``images``: images or token sequences), ``int64`` labels and
+    optional natural ids (e.g. writers, speakers)."""
 
-    images: ImageStore
+    images: SampleStore
     labels: np.ndarray
     ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels).reshape(-1).astype(np.int64)
         if len(self.labels) != len(self.images):
-            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+            raise DataError(f"{len(self.images)} samples but {len(self.labels)} labels")
         if self.ids is not None:
             self.ids = np.asarray(self.ids).reshape(-1)
             if len(self.ids) != len(self.labels):
@@ -115,7 +144,7 @@ class Split:
         return len(self.labels)
 
     def subset(self, indices: np.ndarray) -> Split:
-        """The examples at ``indices`` (images as a view)."""
+        """The examples at ``indices`` (samples as a view)."""
         indices = np.asarray(indices, dtype=np.int64)
         ids = None if self.ids is None else self.ids[indices]
         return Split(self.images.take(indices), self.labels[indices], ids)
