@@ -45,8 +45,12 @@ def summarize(values: Mapping[int, float], weights: Mapping[int, float] | None =
     return out
 
 
-def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Forward FLOPs for one sample (``torch.utils.flop_counter``; a multiply-add = 2)."""
+def flops_per_sample(model: nn.Module, example: tuple[int, ...] | torch.Tensor) -> int:
+    """Forward FLOPs for one sample (``torch.utils.flop_counter``; a multiply-add = 2).
+
+    ``example`` is one input with its batch axis (:func:`fedvit.models.example_input`: float
+    images or ``int64`` token indices), or the shape of one float input without it.
+    """
     was_training = model.training
     model.eval()
     # Fused attention on CPU (``_scaled_dot_product_flash_attention_for_cpu``) is invisible to
@@ -54,7 +58,10 @@ def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
     for m, _ in fused:
         m.fused_attn = False
-    x = torch.zeros((1, *input_shape), device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    x = example.to(device) if isinstance(example, torch.Tensor) else torch.zeros((1, *example), device=device)
+    if len(x) != 1:
+        raise ValueError(f"flops_per_sample needs one sample (batch axis 1), got shape {tuple(x.shape)}")
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
@@ -66,7 +73,7 @@ def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def resource_counts(
-    model: nn.Module, split: ParameterSplit, input_shape: tuple[int, ...]
+    model: nn.Module, split: ParameterSplit, example: tuple[int, ...] | torch.Tensor
 ) -> dict[str, float]:
     """What one client stores, computes and communicates, per method.
 
@@ -75,7 +82,8 @@ def resource_counts(
     * ``params_sent_up_per_round`` / ``params_sent_down_per_round``: the shared split, per
       participating client and round (a method that sends more, e.g. generated weights,
       reports its own numbers).
-    * ``flops_per_sample``: forward FLOPs of the personalized model for one input.
+    * ``flops_per_sample``: forward FLOPs of the personalized model for one input (``example``, as
+      in :func:`flops_per_sample`).
     * ``bytes_*``: the same, as float32 bytes on the wire.
     """
     shared = count(split.shapes(model, "shared"))
@@ -87,5 +95,5 @@ def resource_counts(
         "params_sent_down_per_round": shared,
         "bytes_sent_up_per_round": 4 * shared,
         "bytes_sent_down_per_round": 4 * shared,
-        "flops_per_sample": flops_per_sample(model, input_shape),
+        "flops_per_sample": flops_per_sample(model, example),
     }

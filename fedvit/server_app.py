@@ -14,9 +14,9 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedvit.config import FedvitConfig, load_config, model_img_size, to_dict, to_yaml
+from fedvit.config import FedvitConfig, load_config, to_dict, to_yaml
 from fedvit.evaluation import resource_counts
-from fedvit.models import build_model
+from fedvit.models import build_model, example_input
 from fedvit.params import ParameterSplit, count, get_arrays
 from fedvit.registry import get_client, get_strategy
 from fedvit.results import RunRecorder, atomic_write_text, default_run_name
@@ -73,11 +73,11 @@ def run(grid: Grid, cfg: FedvitConfig) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         arrays_record = to_record(get_arrays(model, split.shared))
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    size = model_img_size(cfg)
-    resources = resource_counts(model, split, (cfg.data.in_chans, size, size))
+    resources = resource_counts(model, split, example_input(cfg))
     full = count(split.shapes(model, "shared")) + count(split.shapes(model, "private"))
     resources["params_model"] = full
     resources = get_client(cfg.method.client).adjust_resources(resources, model)
+    resources.update(strategy.server_resources())
     recorder.set_resources(resources)
     log(
         INFO,

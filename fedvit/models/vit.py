@@ -1,4 +1,6 @@
-"""The configurable Vision Transformer (timm's ``VisionTransformer``)."""
+"""The configurable Vision Transformer (timm's ``VisionTransformer``) and the model dispatcher:
+:func:`build_model` builds ``model.arch`` (``vit``, or ``char-transformer`` from
+:mod:`fedvit.models.char`), :func:`example_input` is one input of the right shape and dtype."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fedvit.config import FedvitConfig, model_img_size
+from fedvit.models.char import CharTransformer
 from fedvit.models.prefix import add_prefixes
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,33 @@ def build_vit(cfg: FedvitConfig) -> VisionTransformer:
         drop_rate=m.drop_rate,
         drop_path_rate=m.drop_path_rate,
     )
+
+
+def build_char_transformer(cfg: FedvitConfig) -> CharTransformer:
+    """A character Transformer sized by ``cfg.model``; vocabulary ``data.num_classes``, ``data.seq_len``."""
+    m = cfg.model
+    return CharTransformer(
+        vocab_size=cfg.data.num_classes,
+        seq_len=cfg.data.seq_len,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        qkv_bias=m.qkv_bias,
+        drop_rate=m.drop_rate,
+        drop_path_rate=m.drop_path_rate,
+    )
+
+
+BUILDERS = {"vit": build_vit, "char-transformer": build_char_transformer}
+
+
+def example_input(cfg: FedvitConfig, batch: int = 1) -> torch.Tensor:
+    """Zeros shaped and typed as ``batch`` model inputs: float images or ``int64`` character indices."""
+    if cfg.model.arch == "char-transformer":
+        return torch.zeros((batch, cfg.data.seq_len), dtype=torch.int64)
+    size = model_img_size(cfg)
+    return torch.zeros((batch, cfg.data.in_chans, size, size))
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
@@ -72,7 +102,9 @@ def build_model(cfg: FedvitConfig) -> nn.Module:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = build_vit(cfg)
+        if cfg.model.arch not in BUILDERS:
+            raise ValueError(f"model.arch must be one of {sorted(BUILDERS)}, got '{cfg.model.arch}'")
+        model = BUILDERS[cfg.model.arch](cfg)
         pf = cfg.model.prefix
         if pf.kind != "none":
             add_prefixes(model, pf.kind, pf.depth, prefix_mid(cfg), pf.scale, pf.length)
