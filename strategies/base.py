@@ -191,6 +191,11 @@ class PersonalizedStrategy(FedAvg):
         """Extra server state to checkpoint: (arrays, JSON-serializable dict)."""
         return {}, {}
 
+    def server_resources(self) -> dict[str, float]:
+        """What the server itself holds beyond the model (e.g. a hypernetwork's parameters);
+        merged into ``results.json`` ``resources``."""
+        return {}
+
     def load_state_dict(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
