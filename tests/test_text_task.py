@@ -255,10 +255,11 @@ def test_flops_of_a_one_block_char_transformer_match_a_hand_count():
 # --------------------------------------------------------------------------- federation
 
 
-def test_one_fedavg_round_on_the_text_task_completes(tmp_path, leaf_file):
+@pytest.mark.parametrize("method", ["fedavg", "fedtp"])
+def test_one_round_on_the_text_task_completes_for_fedavg_and_unchanged_fedtp(tmp_path, leaf_file, method):
     rc = fedhelpers.run_config(
         tmp_path,
-        "fedavg",
+        method,
         TINY,
         extra=f"data.path={leaf_file} data.seq_len={SEQ}",
         dataset="shakespeare",
