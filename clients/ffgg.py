@@ -1,0 +1,170 @@
+"""FFGG ("fine-tuning followed by global gradient", Mishchenko, Islamov, Gorbunov, Horváth 2023),
+client side; the server is ``strategies/ffgg.py``.
+
+Variables split into global x (the shared split) and local y_i (``method.private``). Each round
+client i
+
+1. fine-tunes y_i for τ = ``private_steps`` local steps with x frozen, starting from its
+   previous y_i (kept at home like every private part);
+2. **FFGG** (``global_steps: 0``): computes the gradient of its training loss in x at (x, y_i),
+   averaged over ``grad_batches`` batches (``null``: one full pass over its training split),
+   and sends it; **Local FFGG** (``global_steps > 0``): takes that many local steps on x with
+   y_i frozen and sends the change ``x − x_local`` as a pseudo-gradient.
+
+What crosses the wire: the server sends x; the reply holds one array per shared key (a
+gradient or a pseudo-gradient, never weights), ``num-examples`` and ``num-steps``; y_i never
+leaves. The local solver is ``train.optimizer`` / ``train.lr`` / ``train.batch_size``;
+``private_unit`` / ``global_unit`` say whether the step counts are optimizer steps or epochs.
+
+Simulated attackers (robustness experiments): a client whose message config carries
+``attack`` behaves as told — ``sign-flip`` sends ``−attack-scale × g``, ``gaussian`` sends
+Gaussian noise of std ``attack-scale`` instead of g, ``label-flip`` trains and computes g on
+labels ``C − 1 − y``. The strategy decides who attacks (``strategies/ffgg.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clients.base import ClientSetup, PartialClient, trainable_only
+from fedvit.params import get_arrays, set_arrays
+from fedvit.registry import option_error, register_client
+from fedvit.training import TrainResult, cycle, train_local
+
+ATTACKS = ("none", "sign-flip", "gaussian", "label-flip")
+UNITS = ("steps", "epochs")
+
+
+class FlippedLabels(nn.Module):
+    """Cross-entropy against ``C − 1 − y`` (a label-flipping attacker's objective)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, self.num_classes - 1 - y)
+
+
+@register_client("ffgg")
+class FFGGClient(PartialClient):
+    """Fine-tune the private part, then send the gradient (or local change) of the shared part."""
+
+    @dataclass
+    class Options:
+        private_steps: int = 10  # τ
+        private_unit: str = "steps"  # steps | epochs
+        global_steps: int = 0  # 0: FFGG (one gradient); > 0: Local FFGG
+        global_unit: str = "steps"
+        grad_batches: int | None = None  # None: a full pass over the training split
+
+        def __post_init__(self) -> None:
+            for key in ("private_steps", "global_steps"):
+                if getattr(self, key) < 0:
+                    raise option_error(key, f"must be >= 0, got {getattr(self, key)}")
+            for key in ("private_unit", "global_unit"):
+                if getattr(self, key) not in UNITS:
+                    raise option_error(key, f"must be one of {UNITS}, got '{getattr(self, key)}'")
+            if self.grad_batches is not None and self.grad_batches < 1:
+                raise option_error("grad_batches", f"must be >= 1 (or null), got {self.grad_batches}")
+
+    def __init__(self, setup: ClientSetup) -> None:
+        super().__init__(setup)
+        self.attack = "none"
+        self.attack_scale = 1.0
+        self._update: dict[str, np.ndarray] = {}
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
+        self.attack = str(config.get("attack", "none"))
+        if self.attack not in ATTACKS:
+            raise ValueError(f"unknown attack '{self.attack}'; one of {ATTACKS}")
+        self.attack_scale = float(config.get("attack-scale", 1.0))
+        return super().fit(parameters, config)
+
+    def _loss_fn(self) -> nn.Module:
+        if self.attack == "label-flip":
+            return FlippedLabels(self.cfg.data.num_classes)
+        return nn.CrossEntropyLoss()
+
+    def _length(self, count: int, unit: str) -> dict[str, int]:
+        return {"steps": count} if unit == "steps" else {"epochs": count}
+
+    def local_train(self, server_round: int) -> TrainResult:
+        o, tc = self.options, self.cfg.train
+        loader = self.train_loader(server_round)
+        results: list[TrainResult] = []
+        x0 = get_arrays(self.model, self.split.shared)
+        if o.private_steps > 0 and self.split.private:
+            with trainable_only(self.model, self.split.private) as params:
+                length = self._length(o.private_steps, o.private_unit)
+                results.append(
+                    train_local(
+                        self.model, loader, tc, self.device, params=params, loss_fn=self._loss_fn(), **length
+                    )
+                )
+        if o.global_steps > 0:
+            with trainable_only(self.model, self.split.shared) as params:
+                length = self._length(o.global_steps, o.global_unit)
+                results.append(
+                    train_local(
+                        self.model, loader, tc, self.device, params=params, loss_fn=self._loss_fn(), **length
+                    )
+                )
+            x1 = get_arrays(self.model, self.split.shared)
+            update = {k: x0[k] - x1[k] for k in self.split.shared}
+            set_arrays(self.model, x0)  # x is the server's; only the change is sent
+            steps = results[-1].num_steps
+        else:
+            update, steps, grad_loss = self.shared_gradient(loader)
+            results.append(TrainResult(grad_loss, float("nan"), len(self.data.train), 0))
+        self._update = self._attacked(update)
+        last = results[-1]
+        return TrainResult(
+            loss=last.loss,
+            accuracy=last.accuracy,
+            num_examples=len(self.data.train),
+            num_steps=sum(r.num_steps for r in results) + (0 if o.global_steps > 0 else steps),
+        )
+
+    def shared_gradient(self, loader) -> tuple[dict[str, np.ndarray], int, float]:
+        """∇_x of the mean training loss at (x, y_i) over ``grad_batches`` batches (or one
+        pass); returns (gradient, batches, mean loss)."""
+        batches = self.options.grad_batches if self.options.grad_batches is not None else len(loader)
+        names = set(self.split.shared)
+        params = {n: p for n, p in self.model.named_parameters() if n in names}
+        self.model.to(self.device).train()
+        self.model.zero_grad(set_to_none=True)
+        loss_fn, seen, total = self._loss_fn(), 0, 0.0
+        sums = {n: torch.zeros_like(p) for n, p in params.items()}
+        with trainable_only(self.model, params):
+            for x, y in itertools.islice(cycle(loader), batches):
+                x, y = x.to(self.device), y.to(self.device)
+                loss = loss_fn(self.model(x), y) * len(y)
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                for (n, _), g in zip(params.items(), grads, strict=True):
+                    if g is not None:
+                        sums[n] += g
+                seen += len(y)
+                total += float(loss.detach())
+        grads = {n: (s / max(seen, 1)).detach().cpu().numpy() for n, s in sums.items()}
+        # Buffers in the shared split (none in a ViT) have no gradient: send zeros.
+        shared = get_arrays(self.model, self.split.shared)
+        return {k: grads.get(k, np.zeros_like(v)) for k, v in shared.items()}, batches, total / max(seen, 1)
+
+    def _attacked(self, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.attack == "sign-flip":
+            return {k: -self.attack_scale * v for k, v in update.items()}
+        if self.attack == "gaussian":
+            rng = np.random.default_rng(self.cfg.seed * 7919 + self.client_id)
+            return {k: rng.normal(0.0, self.attack_scale, v.shape).astype(v.dtype) for k, v in update.items()}
+        return update
+
+    def shared_update(self) -> list[np.ndarray]:
+        """The gradient (FFGG) or pseudo-gradient (Local FFGG) of the shared part."""
+        return [self._update[k].astype(np.float32) for k in self.split.shared]
