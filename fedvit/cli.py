@@ -4,6 +4,7 @@
                [--superlink NAME] [--timeout S] [--quiet] [--flwr-home DIR]
     fedvit partition [--run-config "k=v ..."]... [--top N] [--json]
     fedvit config [--run-config "k=v ..."]... [--json]
+    fedvit bench pfedla-memory [--clients N ...] [--overrides "k=v ..."] [--out FILE.json]
 
 ``--run-config`` takes Flower's syntax (``"method='fedper' num-server-rounds=5"``, or a ``.toml``
 file) and may be repeated; later values win. Bare words are strings (``method=fedper``).
@@ -14,8 +15,7 @@ line on stderr); 124 the run timed out; 130 interrupted (Ctrl-C); 128+N killed b
 Adding a subcommand: write ``_add_<name>(subparsers)`` that registers its parser and sets
 ``func`` (a ``(args) -> int`` handler) with ``set_defaults``, and append it to :data:`COMMANDS`.
 Handlers import what they need lazily, so ``fedvit config`` stays fast; raise
-:class:`~fedvit.config.ConfigError` for user errors. Planned: ``report``, ``study``, ``bench``,
-``export``, ``pretrain`` (see docs).
+:class:`~fedvit.config.ConfigError` for user errors. Planned: ``export``, ``pretrain`` (see docs).
 """
 
 from __future__ import annotations
@@ -276,6 +276,37 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="server-side benchmarks (each size in a fresh subprocess)",
+        description="pfedla-memory: build pFedLA's server state for N clients of the tiny ViT (digits "
+        "defaults) and run one round's server work for all N (θ̄_i, an HN step from a synthetic Δ, "
+        "θ_i stored) without Flower; report each child's peak RSS and times as JSON.",
+    )
+    p.add_argument("bench", choices=("pfedla-memory",), help="which benchmark")
+    p.add_argument("--clients", type=int, nargs="+", default=[20, 50, 100], metavar="N", help="client counts")
+    p.add_argument("--overrides", default="", metavar="'k=v ...'", help="config overrides (dotted keys)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report here")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fedvit.bench import pfedla_memory
+
+    if any(n < 1 for n in args.clients):
+        raise ConfigError("bench: --clients must be >= 1")
+    report = pfedla_memory(args.clients, overrides=args.overrides)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text, flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 #: One function per subcommand; each registers its parser (see the module docstring).
@@ -285,6 +316,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_report,
     _add_study,
+    _add_bench,
 ]
 
 
