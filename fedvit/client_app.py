@@ -7,7 +7,8 @@ Messages (what crosses the wire):
   from it, so per-client messages reach the right client.
 * ``train``: content ``arrays`` (the shared parameters by state-dict name, possibly
   personalized by the server) and ``config`` (``server-round``, ``run-name``, ``run-key``,
-  ``client-id``). Reply ``arrays`` (shared parameters only) and ``metrics``
+  ``client-id``; asynchronous runs add ``slowdown``, a simulated device speed). Reply
+  ``arrays`` (shared parameters only) and ``metrics``
   (``num-examples``, ``client-id``, ``train-loss`` ...).
 * ``evaluate``: same content; reply ``metrics`` only (``test-acc``, ``val-acc`` ...).
 
@@ -18,6 +19,7 @@ config point a real device at its own data, persistent state directory and accel
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,13 @@ def _received(message: Message, client) -> list:
     return [arrays[k] for k in client.split.shared]
 
 
+def simulate_slowdown(slowdown: float, elapsed: float, context: Context) -> None:
+    """A simulated slow device (asynchronous experiments): wait ``(slowdown − 1) × elapsed``.
+    Nodes on a virtual clock (``virtual-time`` in the node config, the in-process grid) skip it."""
+    if slowdown > 1.0 and not context.node_config.get("virtual-time", False):
+        time.sleep((slowdown - 1.0) * elapsed)
+
+
 @app.query()
 def identify(message: Message, context: Context) -> Message:
     """Tell the server who this node is and how much data it holds."""
@@ -145,7 +154,10 @@ def identify(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     """Local training; replies with the shared split only."""
     client = make_client(message, context)
-    params, num_examples, metrics = client.fit(_received(message, client), _config_dict(message))
+    config = _config_dict(message)
+    started = time.perf_counter()
+    params, num_examples, metrics = client.fit(_received(message, client), config)
+    simulate_slowdown(float(config.get("slowdown", 1.0)), time.perf_counter() - started, context)
     arrays = ArrayRecord({k: Array(v) for k, v in zip(client.split.shared, params, strict=True)})
     reply = MetricRecord({**metrics, "num-examples": num_examples, "client-id": client.client_id})
     return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=message)

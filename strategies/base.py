@@ -260,18 +260,25 @@ class PersonalizedStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = []
-        for node in self.sample_nodes(server_round, grid):
-            cid = self.node_to_client[node]
-            content = RecordDict(
-                {
-                    ARRAYS: self.client_arrays(server_round, cid, arrays),
-                    CONFIG: self.client_config(server_round, cid, config),
-                }
-            )
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        messages = [
+            self.train_message(server_round, node, arrays, config)
+            for node in self.sample_nodes(server_round, grid)
+        ]
         log(INFO, "configure_train: %d clients", len(messages))
         return messages
+
+    def train_message(
+        self, server_round: int, node: int, arrays: ArrayRecord, config: ConfigRecord
+    ) -> Message:
+        """The ``train`` message for ``node``: its client's arrays and config."""
+        cid = self.node_to_client[node]
+        content = RecordDict(
+            {
+                ARRAYS: self.client_arrays(server_round, cid, arrays),
+                CONFIG: self.client_config(server_round, cid, config),
+            }
+        )
+        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
 
     def _split_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
         ok, failures = [], []
@@ -285,6 +292,18 @@ class PersonalizedStrategy(FedAvg):
                 ok.append(msg)
         return ok, failures
 
+    def parse_update(self, msg: Message) -> ClientUpdate:
+        """A training reply as a checked :class:`ClientUpdate` (raises :class:`UpdateError` & co.)."""
+        node = msg.metadata.src_node_id
+        cid = self.node_to_client.get(node, -1)
+        metrics = dict(msg.content[METRICS])
+        arrays = to_numpy(msg.content[ARRAYS]) if ARRAYS in msg.content.array_records else {}
+        update = ClientUpdate(cid, node, arrays, int(metrics.get("num-examples", 0)), metrics)
+        if int(metrics.get("client-id", cid)) != cid:
+            raise UpdateError(f"node {node} answered as client {metrics.get('client-id')}, expected {cid}")
+        self.check_update(update)
+        return update
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -293,23 +312,15 @@ class PersonalizedStrategy(FedAvg):
         rejected: dict[str, str] = {}
         per_client: dict[int, dict[str, float]] = {}
         for msg in ok:
-            node = msg.metadata.src_node_id
-            cid = self.node_to_client.get(node, -1)
+            cid = self.node_to_client.get(msg.metadata.src_node_id, -1)
             try:
-                metrics = dict(msg.content[METRICS])
-                arrays = to_numpy(msg.content[ARRAYS]) if ARRAYS in msg.content.array_records else {}
-                update = ClientUpdate(cid, node, arrays, int(metrics.get("num-examples", 0)), metrics)
-                if int(metrics.get("client-id", cid)) != cid:
-                    raise UpdateError(
-                        f"node {node} answered as client {metrics.get('client-id')}, expected {cid}"
-                    )
-                self.check_update(update)
+                update = self.parse_update(msg)
             except (UpdateError, KeyError, TypeError, ValueError) as err:
                 rejected[str(cid)] = str(err)
-                log(WARNING, "Rejected update of client %d (node %d): %s", cid, node, err)
+                log(WARNING, "Rejected update of client %d (node %d): %s", cid, msg.metadata.src_node_id, err)
                 continue
             updates.append(update)
-            per_client[cid] = {k: v for k, v in metrics.items() if k not in ("client-id",)}
+            per_client[cid] = {k: v for k, v in update.metrics.items() if k not in ("client-id",)}
         if self.recorder is not None:
             self.recorder.record_train(server_round, per_client, rejected, failures)
         if not updates:
@@ -446,19 +457,32 @@ class PersonalizedStrategy(FedAvg):
                 result.arrays = arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics
-            eval_metrics = None
-            eval_messages = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
-            if eval_messages:
-                replies = grid.send_and_receive(eval_messages, timeout=timeout)
-                eval_metrics = self.aggregate_evaluate(rnd, replies)
-                if eval_metrics is not None:
-                    result.evaluate_metrics_clientapp[rnd] = eval_metrics
-            if self.recorder is not None:
-                self.recorder.end_round(rnd)
-            self.save_checkpoint(rnd, arrays)
+            eval_metrics = self.finish_round(rnd, arrays, evaluate_config, grid, timeout, result)
             self._progress(rnd, train_metrics, eval_metrics, time.time() - t0)
         result.arrays = arrays
         return result
+
+    def finish_round(
+        self,
+        rnd: int,
+        arrays: ArrayRecord,
+        evaluate_config: ConfigRecord,
+        grid: Grid,
+        timeout: float,
+        result: Result,
+    ) -> MetricRecord | None:
+        """Evaluate (when due), close the round in the results and checkpoint."""
+        eval_metrics = None
+        eval_messages = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
+        if eval_messages:
+            replies = grid.send_and_receive(eval_messages, timeout=timeout)
+            eval_metrics = self.aggregate_evaluate(rnd, replies)
+            if eval_metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = eval_metrics
+        if self.recorder is not None:
+            self.recorder.end_round(rnd)
+        self.save_checkpoint(rnd, arrays)
+        return eval_metrics
 
     def _progress(
         self, rnd: int, train: MetricRecord | None, ev: MetricRecord | None, seconds: float

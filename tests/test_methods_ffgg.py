@@ -164,3 +164,55 @@ def test_bad_ffgg_options_fail_at_config_time() -> None:
         load_config({"method": "ffgg", "overrides": "method.options.attack=poison"})
     with pytest.raises(ConfigError, match=r"method\.options\.private_unit"):
         load_config({"method": "ffgg", "overrides": "method.options.private_unit=minutes"})
+
+
+# --------------------------------------------------------------------------- asynchronous
+
+
+def async_config(tmp_path: Path, mode: str, rounds: int = 2) -> dict:
+    extra = (
+        "method.private=[head] method.options.concurrency=2 method.options.speed_tiers=[1.0,3.0] "
+        f"method.options.mode={mode} method.options.buffer_size=2 method.options.staleness_exponent=0.5 "
+        "method.options.updates_per_round=3 method.options.private_steps=1 method.options.grad_batches=1"
+    )
+    return run_config(tmp_path, "ffgg-async", rounds, extra)
+
+
+def test_async_server_applies_each_update_with_the_staleness_weight_it_logs(
+    tmp_path: Path, train_replies
+) -> None:
+    from fedvit.models import build_model
+
+    rc = async_config(tmp_path, "immediate")
+    _, results, run_dir = fedhelpers.federate(rc)
+    assert results["status"] == "completed" and [r["round"] for r in results["rounds"]] == [1, 2]
+    log = results["async_updates"]
+    assert len(log) == 6 and [e["round"] for e in log] == [1, 1, 1, 2, 2, 2]
+    for e in log:
+        assert e["staleness"] == e["version_applied"] - e["version_sent"] >= 0
+        assert e["weight"] == pytest.approx((1 + e["staleness"]) ** -0.5)
+        assert e["version_after"] == e["version_applied"] + 1  # immediate: one server step each
+    assert max(e["staleness"] for e in log) > 0  # the slow client's updates arrive stale
+    # Client 1 is 3x slower (speed tiers [1, 3] in turn): fewer of its updates are applied.
+    assert sum(e["client"] == 1 for e in log) < sum(e["client"] == 0 for e in log)
+    # x_final = x0 - lr * sum_k w_k g_k, with each client's k-th reply matched to its k-th log entry.
+    handled: dict[int, list] = {}
+    for cid, reply in train_replies:
+        handled.setdefault(cid, []).append({k: v.numpy() for k, v in reply.content["arrays"].items()})
+    x = {k: v.numpy().astype(np.float64) for k, v in build_model(load_config(rc)).state_dict().items()}
+    seen: dict[int, int] = {}
+    for e in log:
+        g = handled[e["client"]][seen.setdefault(e["client"], 0)]
+        seen[e["client"]] += 1
+        for k in g:
+            x[k] -= 0.1 * e["weight"] * g[k]
+    final = checkpoint_arrays(run_dir)
+    for k, v in final.items():
+        np.testing.assert_allclose(v, x[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_buffered_async_steps_once_per_full_buffer(tmp_path: Path) -> None:
+    _, results, _ = fedhelpers.federate(async_config(tmp_path, "buffer"))
+    log = results["async_updates"]
+    assert [e.get("flushed", False) for e in log] == [False, True] * 3
+    assert [e["version_after"] for e in log] == [0, 1, 1, 2, 2, 3]
