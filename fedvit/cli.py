@@ -307,6 +307,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- pretrain
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train a plain ViT centrally and save a state dict for model.pretrained",
+        description="Train the config's ViT (plugins off) on the whole train split of its dataset and "
+        "write {'model': state_dict} to --out; print a JSON summary (test accuracy, time).",
+    )
+    _add_run_config_arg(p)
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.pt", help="where to write the weights")
+    p.add_argument("--epochs", type=int, default=1, help="epochs over the train split (default 1)")
+    p.add_argument("--max-examples", type=int, metavar="N", help="a seeded subset of N training examples")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from fedvit.config import load_config
+    from fedvit.pretrain import pretrain
+
+    if args.epochs < 1 or (args.max_examples is not None and args.max_examples < 1):
+        raise ConfigError("pretrain: --epochs and --max-examples must be >= 1")
+    summary = pretrain(
+        load_config(_run_config(args)), args.out, epochs=args.epochs, max_examples=args.max_examples
+    )
+    print(json.dumps(summary, indent=2), flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 #: One function per subcommand; each registers its parser (see the module docstring).
@@ -317,6 +347,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_report,
     _add_study,
     _add_bench,
+    _add_pretrain,
 ]
 
 

@@ -104,6 +104,18 @@ class PrefixConfig:
 
 
 @dataclass
+class AnytimeConfig:
+    """Adapters with early exits on a frozen backbone (fedvit.models.anytime)."""
+
+    enabled: bool = False
+    exits: list[int] | None = None  # depths (blocks run, 1-based) with an adapter + exit; None: every block
+    width: int = 32  # the adapters' width
+    heads: int = 2  # the adapters' attention heads
+    mlp_ratio: float = 2.0
+    tiers: list[int] = field(default_factory=list)  # client i's max depth: tiers[i % len]; []: full depth
+
+
+@dataclass
 class ModelConfig:
     """A timm VisionTransformer or a character Transformer of timm blocks (with optional plugins)."""
 
@@ -120,6 +132,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     pretrained: str | None = None  # local checkpoint path (state dict), never a hub
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    anytime: AnytimeConfig = field(default_factory=AnytimeConfig)
 
 
 @dataclass
@@ -228,8 +241,19 @@ MODALITIES = ("image", "text")
 ARCH_MODALITY = {"vit": "image", "char-transformer": "text"}
 OPTIMIZERS = ("sgd", "adamw")
 PREFIX_KINDS = ("none", "fedperfix", "vanilla")
-# Plugin parameter groups and the model.prefix.kind that creates them.
-PLUGIN_OF_GROUP = {"adapter": "fedperfix", "prefix": "vanilla"}
+# Plugin parameter groups and the plugins that create them (any one of them will do).
+PLUGIN_OF_GROUP = {
+    "adapter": ("fedperfix", "anytime"),
+    "prefix": ("vanilla",),
+    "exit": ("anytime",),
+    "backbone": ("anytime",),
+    "client_token": ("anytime",),
+}
+PLUGIN_SETTING = {
+    "fedperfix": "model.prefix.kind=fedperfix",
+    "vanilla": "model.prefix.kind=vanilla",
+    "anytime": "model.anytime.enabled=true",
+}
 
 
 # --------------------------------------------------------------------------- loading
@@ -475,6 +499,8 @@ def validate(cfg: FedvitConfig) -> None:
     if pf.mid is not None:
         _check(pf.mid >= 1, "model.prefix.mid", f"must be >= 1, got {pf.mid}")
     _check(pf.length >= 1, "model.prefix.length", f"must be >= 1, got {pf.length}")
+    _validate_anytime(cfg)
+    plugins = {pf.kind} | ({"anytime"} if m.anytime.enabled else set())
     for group in cfg.method.private:
         _check(
             is_known_group(group, m.depth),
@@ -483,9 +509,10 @@ def validate(cfg: FedvitConfig) -> None:
         )
         needs = PLUGIN_OF_GROUP.get(group)
         _check(
-            needs is None or pf.kind == needs,
+            needs is None or bool(plugins & set(needs)),
             "method.private",
-            f"group '{group}' needs model.prefix.kind={needs}, got '{pf.kind}'",
+            f"group '{group}' needs {' or '.join(PLUGIN_SETTING[k] for k in needs or ())}, "
+            f"got model.prefix.kind='{pf.kind}', model.anytime.enabled={m.anytime.enabled}",
         )
     known_strategies, known_clients = strategies(), clients()
     _check(
@@ -495,6 +522,30 @@ def validate(cfg: FedvitConfig) -> None:
     )
     _check(cfg.method.client in known_clients, "method.client", f"must be one of {sorted(known_clients)}")
     method_options(cfg)  # typed method.options: unknown keys and wrong types raise here
+
+
+def _validate_anytime(cfg: FedvitConfig) -> None:
+    """``model.anytime``: exits within the depth, tiers at exits, no other plugin."""
+    m, a = cfg.model, cfg.model.anytime
+    if not a.enabled:
+        return
+    _check(m.arch == "vit", "model.anytime.enabled", f"needs model.arch 'vit', got '{m.arch}'")
+    _check(m.prefix.kind == "none", "model.anytime.enabled", "cannot be combined with model.prefix")
+    exits = a.exits if a.exits is not None else list(range(1, m.depth + 1))
+    _check(len(exits) >= 1, "model.anytime.exits", "needs at least one exit (or null: every block)")
+    _check(
+        all(1 <= e <= m.depth for e in exits) and len(set(exits)) == len(exits),
+        "model.anytime.exits",
+        f"must be distinct depths in [1, model.depth={m.depth}], got {list(exits)}",
+    )
+    _check(a.width >= 1 and a.heads >= 1, "model.anytime.width", "width and heads must be >= 1")
+    _check(a.width % a.heads == 0, "model.anytime.heads", f"{a.heads} does not divide width {a.width}")
+    _check(a.mlp_ratio > 0, "model.anytime.mlp_ratio", "must be > 0")
+    _check(
+        all(t in exits for t in a.tiers),
+        "model.anytime.tiers",
+        f"every tier (a client's max depth) must be an exit depth {sorted(exits)}, got {list(a.tiers)}",
+    )
 
 
 # --------------------------------------------------------------------------- helpers

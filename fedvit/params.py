@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 LAYER_TYPES = ("patch_embed", "pos_embed", "norm", "attn", "mlp", "head")
-PLUGIN_GROUPS = ("prefix", "adapter", "exit")
+PLUGIN_GROUPS = ("prefix", "adapter", "exit", "client_token", "backbone")
 KNOWN_GROUP_PATTERNS = (
     *LAYER_TYPES,
     "classifier",

@@ -127,7 +127,12 @@ class RunRecorder:
             "per_client": {str(c): per_client[c] for c in sorted(per_client)},
             "failures": failures,
         }
-        for metric in EVAL_METRICS:
+        # Further accuracies a method reports (e.g. anytime's test-acc-exit<d>) get summaries too.
+        extra = sorted(
+            {k for m in per_client.values() for k in m if k.startswith(("test-acc-", "val-acc-"))}
+            - set(EVAL_METRICS)
+        )
+        for metric in (*EVAL_METRICS, *extra):
             w = val_weights if metric.startswith("val") else weights
             ev[_key(metric)] = summarize({c: m.get(metric) for c, m in per_client.items()}, w)
         entry["eval"] = ev

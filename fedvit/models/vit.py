@@ -19,9 +19,22 @@ log = logging.getLogger(__name__)
 
 
 def build_vit(cfg: FedvitConfig) -> VisionTransformer:
-    """A timm ViT sized by ``cfg.model`` for ``cfg.data`` (channels, classes, image size)."""
+    """A timm ViT sized by ``cfg.model`` for ``cfg.data`` (channels, classes, image size); with
+    ``model.anytime.enabled`` the :class:`~fedvit.models.anytime.AnytimeViT` of the same backbone."""
+    a = cfg.model.anytime
+    if a.enabled:
+        from fedvit.models.anytime import AnytimeViT
+
+        return AnytimeViT(
+            exits=a.exits, width=a.width, heads=a.heads, mlp_ratio_adapter=a.mlp_ratio, **vit_kwargs(cfg)
+        )
+    return VisionTransformer(**vit_kwargs(cfg))
+
+
+def vit_kwargs(cfg: FedvitConfig) -> dict:
+    """The timm ``VisionTransformer`` arguments of ``cfg``."""
     m = cfg.model
-    return VisionTransformer(
+    return dict(
         img_size=model_img_size(cfg),
         patch_size=m.patch_size,
         in_chans=cfg.data.in_chans,

@@ -1,0 +1,183 @@
+"""Anytime / anywhere client (Liu et al. 2022; :mod:`fedvit.models.anytime`, :mod:`strategies.anytime`).
+
+* **Tier**: the client's max depth ``k`` (``model.anytime.tiers[client_id % len]``; none: the
+  full depth). Its model runs blocks ``1..k`` only; its shared split is the adapters of exits
+  ``<= k`` plus the other shared parameters (the exit head unless ``exit`` is private), so that
+  is exactly what it receives and sends.
+* **Frozen backbone**: in the private split (never sent) but never trained and not stored
+  either: every client rebuilds it identically (seeded init + ``model.pretrained``). The stored
+  private state is the rest of the private split (client token; the exit head when private).
+* **Loss**: the sum of the exits' cross-entropies, plus ``distill_weight`` × the KL divergence
+  of each shallower exit from the (detached) deepest one at ``distill_temperature`` (× T²).
+  No AMP here (adapters are small; CPU runs).
+* **Personalization at evaluation**: ``finetune_steps`` local steps on ``finetune``
+  (``adapters``: the held adapters; ``head``: the exit head; ``all``: both and the client token),
+  used for that evaluation only (like FedBABU). A private head (``exit`` in
+  ``method.private``) is the persistent alternative.
+* **Anytime evaluation**: ``test-acc-exit<d>`` / ``val-acc-exit<d>`` for every exit ``d <= k``;
+  ``test-acc`` / ``test-loss`` are the deepest exit's; ``tier`` is ``k``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clients.base import ClientSetup, PartialClient, trainable_only
+from fedvit.models.anytime import AnytimeViT, keys_up_to
+from fedvit.params import ParameterSplit, get_arrays, parameter_groups, set_arrays
+from fedvit.registry import option_error, register_client
+from fedvit.training import TrainingError, TrainResult, count_steps, cycle, make_loader, make_optimizer
+from strategies.anytime import client_tier
+
+FINETUNE_PARTS = ("adapters", "head", "all")
+
+
+@register_client("anytime")
+class AnytimeClient(PartialClient):
+    """Trains the adapters (and exit head) of exits up to its tier on a frozen backbone."""
+
+    @dataclass
+    class Options:
+        distill_weight: float = 0.0
+        distill_temperature: float = 1.0
+        finetune_steps: int = 0
+        finetune: str = "adapters"  # adapters | head | all
+
+        def __post_init__(self) -> None:
+            if self.distill_weight < 0:
+                raise option_error("distill_weight", f"must be >= 0, got {self.distill_weight}")
+            if self.distill_temperature <= 0:
+                raise option_error("distill_temperature", f"must be > 0, got {self.distill_temperature}")
+            if self.finetune_steps < 0:
+                raise option_error("finetune_steps", f"must be >= 0, got {self.finetune_steps}")
+            if self.finetune not in FINETUNE_PARTS:
+                raise option_error("finetune", f"must be one of {FINETUNE_PARTS}, got '{self.finetune}'")
+
+    def __init__(self, setup: ClientSetup) -> None:
+        model = setup.model
+        if not isinstance(model, AnytimeViT):
+            raise ValueError("client 'anytime' needs model.anytime.enabled=true")
+        self.tier = client_tier(setup.cfg.model.anytime.tiers, setup.client_id, model.exit_depths[-1])
+        model.max_depth = self.tier
+        groups = parameter_groups(model)
+        self.backbone = frozenset(groups["backbone"])
+        if not self.backbone <= set(setup.split.private):
+            raise ValueError("client 'anytime': method.private must contain 'backbone' (it is never sent)")
+        self.head_keys = groups["exit"]
+        split = ParameterSplit(
+            shared=keys_up_to(setup.split.shared, self.tier),
+            private=setup.split.private,
+            private_groups=setup.split.private_groups,
+        )
+        super().__init__(replace(setup, split=split))
+
+    # ------------------------------------------------------------------ private state
+
+    def _stored_keys(self) -> list[str]:
+        return [k for k in self.split.private if k not in self.backbone]
+
+    def private_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        sd = self.model.state_dict()
+        return {k: tuple(sd[k].shape) for k in self._stored_keys()}
+
+    def private_state(self) -> dict[str, np.ndarray]:
+        return get_arrays(self.model, self._stored_keys())
+
+    def trainable_keys(self) -> list[str]:
+        """What local training updates: the held shared keys and the stored private ones."""
+        return [*self.split.shared, *self._stored_keys()]
+
+    # ------------------------------------------------------------------ training
+
+    def exit_loss(self, logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """Sum of the exits' cross-entropies (+ self-distillation from the deepest exit)."""
+        loss = sum(F.cross_entropy(z, y) for z in logits)
+        o = self.options
+        if o.distill_weight > 0 and len(logits) > 1:
+            t = o.distill_temperature
+            target = F.softmax(logits[-1].detach() / t, dim=-1)
+            kl = sum(
+                F.kl_div(F.log_softmax(z / t, dim=-1), target, reduction="batchmean") for z in logits[:-1]
+            )
+            loss = loss + o.distill_weight * t * t * kl
+        return loss  # type: ignore[return-value]
+
+    def train_exits(self, loader, keys: list[str], steps: int) -> TrainResult:
+        """``steps`` optimizer steps on ``keys`` with :meth:`exit_loss`; accuracy of the deepest exit."""
+        tc, model = self.cfg.train, self.model
+        model.to(self.device).train()
+        total, correct, seen = 0.0, 0, 0
+        with trainable_only(model, keys) as params:
+            optimizer = make_optimizer(params, tc)
+            for step, (x, y) in enumerate(itertools.islice(cycle(loader), steps)):
+                x, y = x.to(self.device), y.to(self.device)
+                optimizer.zero_grad(set_to_none=True)
+                logits = model.forward_exits(x)
+                loss = self.exit_loss(logits, y)
+                if not math.isfinite(loss.item()):
+                    raise TrainingError(f"loss is {loss.item()} at local step {step}: lower train.lr")
+                loss.backward()
+                if tc.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                optimizer.step()
+                total += loss.item() * len(y)
+                correct += int((logits[-1].argmax(1) == y).sum().item())
+                seen += len(y)
+        return TrainResult(loss=total / seen, accuracy=correct / seen, num_examples=seen, num_steps=steps)
+
+    def local_train(self, server_round: int) -> TrainResult:
+        loader = self.train_loader(server_round)
+        return self.train_exits(loader, self.trainable_keys(), count_steps(self.cfg.train, loader))
+
+    def personalize_for_eval(self, server_round: int) -> None:
+        """``finetune_steps`` steps on the ``finetune`` part (undone after the evaluation)."""
+        o = self.options
+        if o.finetune_steps == 0:
+            return
+        adapters = [k for k in self.trainable_keys() if k.startswith("adapters.")]
+        head = [k for k in self.trainable_keys() if k in self.head_keys]
+        keys = {"adapters": adapters, "head": head, "all": self.trainable_keys()}[o.finetune]
+        self.train_exits(self.train_loader(server_round), keys, o.finetune_steps)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def eval_exits(self, dataset) -> dict[str, float]:
+        """Accuracy of every exit and the deepest exit's loss on ``dataset``."""
+        loader = make_loader(
+            dataset, self.cfg.train.eval_batch_size, shuffle=False, workers=self.cfg.data.num_workers
+        )
+        model = self.model.to(self.device).eval()
+        exits = model.active_exits()
+        correct, loss, seen = np.zeros(len(exits)), 0.0, 0
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            logits = model.forward_exits(x)
+            correct += [(z.argmax(1) == y).sum().item() for z in logits]
+            loss += F.cross_entropy(logits[-1].float(), y, reduction="sum").item()
+            seen += len(y)
+        nan = float("nan")
+        out = {f"acc-exit{d}": (c / seen if seen else nan) for d, c in zip(exits, correct, strict=True)}
+        out.update({"acc": out[f"acc-exit{exits[-1]}"], "loss": loss / seen if seen else nan, "num": seen})
+        return out
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
+        self.set_parameters(parameters)
+        keep = get_arrays(self.model, self.trainable_keys())
+        try:
+            self.personalize_for_eval(int(config.get("server-round", 0)))
+            test, val = self.eval_exits(self.data.test), self.eval_exits(self.data.val)
+        finally:
+            set_arrays(self.model, keep)  # fine-tuning is for this evaluation only
+        metrics: dict[str, Any] = {"tier": self.tier}
+        for prefix, res in (("test", test), ("val", val)):
+            for k, v in res.items():
+                metrics[f"num-{prefix}" if k == "num" else f"{prefix}-{k}"] = v
+        return test["loss"], int(test["num"]), metrics

@@ -1,0 +1,124 @@
+"""Anytime / anywhere server (Liu et al. 2022; see :mod:`fedvit.models.anytime`): device tiers.
+
+Client ``i`` has a maximum depth (its tier, ``model.anytime.tiers[i % len]``; none: the full
+depth). It receives, trains and sends only the adapters of exits ``<= tier`` and the other shared
+parameters (the shared exit head); the frozen backbone is never sent (``method.private``).
+:meth:`aggregate_shared` averages each parameter over the clients that hold it (sample-weighted);
+a parameter that no client of the round holds keeps its value. ``results.json`` ``resources``
+gains per-tier parameters sent and per-exit forward FLOPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
+
+from fedvit.evaluation import flops_per_sample
+from fedvit.models.anytime import AnytimeViT, keys_up_to
+from fedvit.params import UpdateError, check_arrays, count, parameter_groups
+from fedvit.registry import register_strategy
+from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record, weighted_mean
+
+
+def client_tier(tiers: Sequence[int], client_id: int, full_depth: int) -> int:
+    """Client ``client_id``'s max depth: ``tiers[client_id % len(tiers)]``, or ``full_depth``."""
+    return int(tiers[client_id % len(tiers)]) if tiers else full_depth
+
+
+@register_strategy("anytime")
+class AnytimeStrategy(PersonalizedStrategy):
+    """FedAvg of each shared parameter over the clients (tiers) that hold it."""
+
+    def __init__(
+        self, *, tiers: Sequence[int] = (), full_depth: int, resources: dict[str, float] | None = None, **kw
+    ) -> None:
+        super().__init__(**kw)
+        self.tiers = tuple(int(t) for t in tiers)
+        self.full_depth = full_depth
+        self._resources = dict(resources or {})
+
+    @classmethod
+    def from_config(cls, cfg, *, model, split, recorder, run_dir, run_name, **kwargs: Any):
+        if not isinstance(model, AnytimeViT):
+            raise ValueError("strategy 'anytime' needs model.anytime.enabled=true")
+        from fedvit.models import example_input
+
+        tiers, full = list(cfg.model.anytime.tiers), model.exit_depths[-1]
+        shared = split.shapes(model, "shared")
+        resources: dict[str, float] = {
+            "params_backbone": count(
+                {k: tuple(model.state_dict()[k].shape) for k in parameter_groups(model)["backbone"]}
+            )
+        }
+        for depth in sorted(set(tiers) or {full}):
+            sent = count({k: shared[k] for k in keys_up_to(list(shared), depth)})
+            resources[f"params_sent_up_per_round_tier{depth}"] = sent
+            resources[f"bytes_sent_up_per_round_tier{depth}"] = 4 * sent
+        saved = model.max_depth
+        try:
+            for depth in model.exit_depths:
+                model.max_depth = depth
+                resources[f"flops_per_sample_exit{depth}"] = flops_per_sample(model, example_input(cfg))
+        finally:
+            model.max_depth = saved
+        return super().from_config(
+            cfg,
+            model=model,
+            split=split,
+            recorder=recorder,
+            run_dir=run_dir,
+            run_name=run_name,
+            tiers=tiers,
+            full_depth=full,
+            resources=resources,
+            **kwargs,
+        )
+
+    def tier(self, client_id: int) -> int:
+        return client_tier(self.tiers, client_id, self.full_depth)
+
+    def held_keys(self, client_id: int) -> tuple[str, ...]:
+        """The shared keys client ``client_id`` receives and sends."""
+        return keys_up_to(list(self.shared_shapes), self.tier(client_id))
+
+    # ------------------------------------------------------------------ hooks
+
+    def client_arrays(self, server_round: int, client_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        held = set(self.held_keys(client_id))
+        return ArrayRecord({k: v for k, v in arrays.items() if k in held})
+
+    def client_config(self, server_round: int, client_id: int, config: ConfigRecord) -> ConfigRecord:
+        out = super().client_config(server_round, client_id, config)
+        out["tier"] = self.tier(client_id)
+        return out
+
+    def check_update(self, update: ClientUpdate) -> None:
+        expected = {k: self.shared_shapes[k] for k in self.held_keys(update.client_id)}
+        who = f"client {update.client_id} (tier {self.tier(update.client_id)})"
+        check_arrays(update.arrays, expected, who=who)
+        if update.num_examples <= 0:
+            raise UpdateError(
+                f"client {update.client_id}: num-examples must be > 0, got {update.num_examples}"
+            )
+
+    def aggregate_shared(
+        self, server_round: int, updates: list[ClientUpdate], current: ArrayRecord | None
+    ) -> ArrayRecord:
+        """Per parameter, the sample-weighted mean over the updates that hold it."""
+        old = to_numpy(current) if current is not None else {}
+        out: dict[str, np.ndarray] = {}
+        for k in self.shared_shapes:
+            holders = [u for u in updates if k in u.arrays]
+            if holders:
+                out[k] = weighted_mean(holders, [k])[k]
+            elif k in old:
+                out[k] = old[k]
+            else:
+                raise UpdateError(f"no client holds '{k}' and there is no current value")
+        return to_record(out)
+
+    def server_resources(self) -> dict[str, float]:
+        return dict(self._resources)
