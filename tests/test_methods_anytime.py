@@ -151,10 +151,10 @@ def test_tiers_send_exactly_their_adapters_the_backbone_never_moves_and_exits_ar
 
     monkeypatch.setattr(AnytimeClient, "local_train", checked)
     extra = "model.anytime.tiers=[1,2,3] method.options.finetune_steps=1 method.options.distill_weight=0.5"
-    rc = fedhelpers.run_config(tmp_path, "anytime", TINY, rounds=2, extra=extra)
+    rc = fedhelpers.run_config(tmp_path, "anytime", TINY, rounds=1, extra=extra)
     _, results, _ = fedhelpers.federate(rc)
-    assert results["status"] == "completed" and sorted(seen) == [0, 0, 1, 1, 2, 2]
-    assert len(train_replies) == 6
+    assert results["status"] == "completed" and sorted(seen) == [0, 1, 2]
+    assert len(train_replies) == 3
     for cid, reply in train_replies:
         sent = set(reply.content["arrays"].keys())
         adapters = {k for k in groups["adapter"] if int(k.split(".")[1]) <= cid + 1}
