@@ -337,6 +337,44 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a client's personalized model as a self-contained file for local inference",
+        description="Combine the run's checkpointed shared parameters with one client's private "
+        "parameters (its state directory) into a torch.export program (.pt2) with the model config "
+        "and preprocessing inside (torch.export.load alone loads it; see scripts/predict.py).",
+    )
+    p.add_argument("state_dir", type=Path, metavar="STATE_DIR", help="the client's state directory")
+    p.add_argument("--run-dir", type=Path, metavar="DIR", help="the run directory (config.yaml, checkpoint/)")
+    _add_run_config_arg(p)
+    p.add_argument(
+        "--checkpoint", type=Path, metavar="DIR", help="checkpoint directory (default RUN_DIR/checkpoint)"
+    )
+    p.add_argument("--client-id", type=int, metavar="ID", help="recorded in the export's metadata")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="FILE.pt2", help="where to write it")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedvit.export import export
+
+    rc = _run_config(args) if args.run_config else None
+    path = export(
+        args.state_dir,
+        args.out,
+        run_dir=args.run_dir,
+        run_config=rc,
+        checkpoint=args.checkpoint,
+        client_id=args.client_id,
+    )
+    print(path, flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 #: One function per subcommand; each registers its parser (see the module docstring).
@@ -348,6 +386,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_study,
     _add_bench,
     _add_pretrain,
+    _add_export,
 ]
 
 

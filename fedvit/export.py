@@ -1,0 +1,220 @@
+"""``fedvit export``: one client's personalized model as a self-contained file for local inference.
+
+The personalized model of client *i* is what it is evaluated with: the shared parameters of the
+run's last checkpoint (``<run dir>/checkpoint/arrays.npz``) combined with the client's own private
+parameters (``private.npz`` in its state directory). The export is a ``torch.export`` program
+(``.pt2``, loadable with ``torch.export.load`` alone: no fedvit, timm or Flower needed; any batch
+size) that carries, as the extra file ``fedvit.json``, the model config, the input preprocessing
+(size, channels, mean, std, invert), the class names and where the weights came from.
+``scripts/predict.py`` is a plain example.
+
+Methods whose personalized model is not "shared + private parameters" (an evaluation-time
+adaptation such as FedBABU's or Per-FedAvg's fine-tuning, APFL's mixture, FedTP's and pFedLA's
+server-generated per-client parameters) are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from fedvit.config import (
+    ConfigError,
+    FedvitConfig,
+    fingerprint,
+    load_config,
+    model_img_size,
+    to_dict,
+    validate,
+)
+
+#: Extra file inside the exported archive with everything a script needs besides the weights.
+META_FILE = "fedvit.json"
+FORMAT = "fedvit-export/1"
+#: Client methods whose override means the personalized model is more than shared + private.
+_EVAL_HOOKS = ("personalize_for_eval", "private_state", "restore_private_state", "evaluate")
+
+
+@dataclass
+class Personalized:
+    """One client's personalized model and what it was made from."""
+
+    cfg: FedvitConfig
+    model: torch.nn.Module
+    client_id: int | None
+    round: int | None
+    state_dir: Path
+    checkpoint: Path
+
+
+def config_from_yaml(path: str | Path) -> FedvitConfig:
+    """A run's resolved config from its ``config.yaml`` (as the ServerApp wrote it)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FedvitConfig), OmegaConf.load(Path(path)))
+        cfg: FedvitConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except (OSError, OmegaConfBaseException) as err:
+        raise ConfigError(f"cannot read the run config {path}: {err}") from err
+    validate(cfg)
+    return cfg
+
+
+def check_exportable(cfg: FedvitConfig) -> None:
+    """:class:`ConfigError` unless the method's personalized model is shared + private parameters."""
+    from clients.base import PartialClient
+    from fedvit.registry import get_client, get_strategy
+    from strategies.base import PersonalizedStrategy
+
+    client = get_client(cfg.method.client)
+    hooks = [h for h in _EVAL_HOOKS if getattr(client, h, None) is not getattr(PartialClient, h)]
+    if hooks:
+        raise ConfigError(
+            f"method '{cfg.method.name}': its client ({client.__name__}) overrides {', '.join(hooks)}, so "
+            "its personalized model is not the shared + private parameters; export is not supported"
+        )
+    strategy = get_strategy(cfg.method.strategy)
+    if getattr(strategy, "client_arrays", None) is not PersonalizedStrategy.client_arrays:
+        raise ConfigError(
+            f"method '{cfg.method.name}': the server sends each client its own parameters "
+            f"({strategy.__name__}.client_arrays), which the checkpoint does not hold; "
+            "export is not supported"
+        )
+
+
+def _private_dir(state_dir: Path, cfg: FedvitConfig) -> Path:
+    """The directory holding ``private.npz``: ``state_dir`` itself, or the per-(method, model,
+    dataset) directory a device's ``state-dir`` holds (see :mod:`fedvit.client_app`)."""
+    if (state_dir / "private.npz").is_file():
+        return state_dir
+    keep = state_dir / f"{cfg.method.name}-{cfg.model.name}-{cfg.data.name}"
+    if (keep / "private.npz").is_file():
+        return keep
+    raise ConfigError(f"no private.npz in {state_dir} or {keep}: is this the client's state directory?")
+
+
+def personalized_model(
+    state_dir: str | Path,
+    cfg: FedvitConfig,
+    checkpoint: str | Path,
+    client_id: int | None = None,
+) -> Personalized:
+    """Build ``cfg``'s model with the checkpoint's shared and the state directory's private parameters."""
+    from fedvit.models import build_model
+    from fedvit.params import ParameterSplit, check_arrays, set_arrays
+
+    check_exportable(cfg)
+    ckpt = Path(checkpoint).expanduser()
+    if not (ckpt / "arrays.npz").is_file():
+        raise ConfigError(f"no checkpoint in {ckpt} (missing arrays.npz); was the run checkpointed?")
+    private_dir = _private_dir(Path(state_dir).expanduser(), cfg)
+    model = build_model(cfg)
+    split = ParameterSplit.from_model(model, cfg.method.private)
+    with np.load(ckpt / "arrays.npz", allow_pickle=False) as z:
+        shared = {k: z[k] for k in z.files}
+    check_arrays(shared, split.shapes(model, "shared"), who=f"checkpoint {ckpt}")
+    meta_path = private_dir / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    expected = fingerprint(
+        {"method": cfg.method.name, "model": to_dict(cfg)["model"], "private": split.shapes(model, "private")}
+    )
+    if meta.get("fingerprint") not in (None, expected):
+        raise ConfigError(f"{private_dir} holds private parameters of another model or method than the run's")
+    with np.load(private_dir / "private.npz", allow_pickle=False) as z:
+        private = {k: z[k] for k in z.files}
+    check_arrays(private, split.shapes(model, "private"), who=f"state directory {private_dir}")
+    set_arrays(model, {**shared, **private})
+    state = ckpt / "state.json"
+    rnd = json.loads(state.read_text()).get("round") if state.is_file() else None
+    return Personalized(cfg, model.eval(), client_id, rnd, private_dir, ckpt)
+
+
+def preprocessing(cfg: FedvitConfig) -> dict[str, Any]:
+    """How raw inputs become model inputs (mirrors :class:`fedvit.data.datasets.ImageTransform`)."""
+    if cfg.data.modality == "text":
+        return {"modality": "text", "seq_len": cfg.data.seq_len, "vocab_size": cfg.data.num_classes}
+    d = cfg.data
+    return {
+        "modality": "image",
+        "size": model_img_size(cfg),
+        "in_chans": d.in_chans,
+        "mean": list(d.mean),
+        "std": list(d.std),
+        "invert": bool(d.invert),
+        "input": "uint8 images (H, W) or (H, W, C), scaled to [0, 1], inverted if 'invert', "
+        "channels matched (gray->RGB repeat, RGB->gray luminance), bilinear resize "
+        "(antialiased when shrinking), then (x - mean) / std",
+    }
+
+
+def export(
+    state_dir: str | Path,
+    out: str | Path,
+    *,
+    run_dir: str | Path | None = None,
+    run_config: dict[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+    client_id: int | None = None,
+    class_names: list[str] | None = None,
+) -> Path:
+    """Write client ``state_dir``'s personalized model to ``out`` (a ``torch.export`` program with
+    ``fedvit.json`` inside).
+
+    The run's config comes from ``run_dir/config.yaml`` or, without ``run_dir``, from
+    ``run_config`` (Flower run-config keys, as for ``fedvit run``); the shared parameters from
+    ``checkpoint`` (default ``run_dir/checkpoint``).
+    """
+    from fedvit.models import example_input
+
+    if run_dir is not None:
+        rd = Path(run_dir).expanduser()
+        cfg = config_from_yaml(rd / "config.yaml")
+        checkpoint = checkpoint or rd / "checkpoint"
+    elif run_config is not None:
+        cfg = load_config(run_config)
+        if checkpoint is None:
+            raise ConfigError("export: give --checkpoint (or --run-dir) with --run-config")
+    else:
+        raise ConfigError("export: give --run-dir, or --run-config with --checkpoint")
+    p = personalized_model(state_dir, cfg, checkpoint, client_id)
+    x = example_input(cfg, batch=2)
+    if x.is_floating_point():
+        x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        program = torch.export.export(p.model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        for batch in (1, 3):  # the exported program reproduces the model, at any batch size
+            xb = torch.cat([x] * 2)[:batch]
+            if not torch.allclose(p.model(xb), program.module()(xb), rtol=1e-4, atol=1e-5):
+                raise RuntimeError("the exported program does not reproduce the model; export aborted")
+    meta = {
+        "format": FORMAT,
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "client_id": client_id,
+        "round": p.round,
+        "num_classes": cfg.data.num_classes,
+        "class_names": class_names,
+        "preprocess": preprocessing(cfg),
+        "source": {"state_dir": str(p.state_dir.resolve()), "checkpoint": str(p.checkpoint.resolve())},
+        "config": to_dict(cfg),
+    }
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.export.save(program, str(tmp), extra_files={META_FILE: json.dumps(meta, indent=1)})
+    tmp.replace(out)
+    return out
+
+
+def load_export(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model, metadata) of an exported file (what ``scripts/predict.py`` does, with torch alone)."""
+    extra = {META_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    return program.module(), json.loads(extra[META_FILE])
