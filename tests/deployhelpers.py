@@ -148,7 +148,7 @@ class Deployment:
     # ------------------------------------------------------------------ setup
     def start(self) -> Deployment:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        why = netns_unavailable() if self.use_netns else "namespaces not requested"
+        why = netns_unavailable() if self.use_netns else "FEDVIT_TEST_NETNS=0"
         if why is None:
             self.subnet = Subnet()
             self.host = self.subnet.host
