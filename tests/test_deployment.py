@@ -208,6 +208,7 @@ def test_resume_with_a_supernode_stopped_mid_round_completes(fed: Deployment) ->
     r1, r2 = results["rounds"]
     assert sorted(r1["train"]["clients"]) == [0, 1, 2]
     assert sorted(r2["train"]["clients"]) == [0, 1]  # the round finished without client 2
+    assert any("Unavailable" in f for f in r2["train"]["failures"])  # and recorded why
     assert sorted(r2["eval"]["per_client"], key=int) == ["0", "1"]
     assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"] == 2
     # client 0 trained on after its restart: its private head moved on from the surviving file
