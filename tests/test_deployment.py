@@ -92,7 +92,7 @@ def _node_refused(d: Deployment, index: int, **kwargs) -> str:
     return node.log()
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)  # includes the module fixture's setup (certificates, SuperLink, 3 SuperNodes)
 def test_supernode_with_unregistered_key_is_refused(fed: Deployment) -> None:
     log = _node_refused(fed, 3, key=fed.key(3))  # key pair 3 exists but was never registered
     assert "Failed to initialize the connection" in log or "rror" in log, log[-2000:]
