@@ -139,6 +139,8 @@ def test_ctrl_c_during_a_run_exits_130_and_leaves_nothing(tiny_app: Path, tmp_pa
         text=True,
         start_new_session=True,
         env={**os.environ, "CI": "true"},
+        # Ctrl-C's default disposition, as in a terminal (a background CI job inherits it ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 240  # generous: CI machines can be loaded

@@ -269,13 +269,19 @@ def test_final_status_respects_the_deadline_and_stops_a_remote_run(monkeypatch: 
 
 
 def test_teardown_holds_ctrl_c_until_it_is_done() -> None:
-    done = []
-    with pytest.raises(KeyboardInterrupt), runner._deferred_signals():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)
-        done.append(True)
-    assert done == [True]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, as in a foreground terminal (a CI job started in the background
+    # inherits SIGINT ignored, which would make this test vacuous).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt), runner._deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            done.append(True)
+        assert done == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_federation_config() -> None:
