@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tinyapp import MARK, write_tiny_app
@@ -75,3 +76,22 @@ def capture_replies(monkeypatch: pytest.MonkeyPatch) -> Replies:
 def train_replies(capture_replies: Replies) -> list:
     """(client id, reply) of every training reply."""
     return capture_replies.train
+
+
+@pytest.fixture
+def received(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, dict[str, Any]]]:
+    """Every train/evaluate message the ClientApp receives (in-process): (kind, client id, arrays)."""
+    from fedvit import client_app
+
+    seen: list[tuple[str, int, dict[str, Any]]] = []
+    original = client_app.app.__call__
+
+    def spy(self, message, context):
+        kind = message.metadata.message_type
+        if kind in ("train", "evaluate"):
+            arrays = {k: v.numpy() for k, v in message.content.array_records["arrays"].items()}
+            seen.append((kind, int(context.node_config["partition-id"]), arrays))
+        return original(message, context)
+
+    monkeypatch.setattr(type(client_app.app), "__call__", spy)
+    return seen

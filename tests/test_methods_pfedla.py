@@ -32,25 +32,6 @@ def run_config(tmp_path: Path, method: str = "pfedla", rounds: int = 1, extra: s
     return fedhelpers.run_config(tmp_path, method, TINY, rounds, extra, **keys)
 
 
-@pytest.fixture
-def received(monkeypatch) -> list[tuple[str, int, dict[str, np.ndarray]]]:
-    """Every message the ClientApp receives: (kind, client id, arrays)."""
-    from fedvit import client_app
-
-    seen: list[tuple[str, int, dict[str, np.ndarray]]] = []
-    original = client_app.app.__call__
-
-    def spy(self, message, context):
-        kind = message.metadata.message_type
-        if kind in ("train", "evaluate"):
-            arrays = {k: v.numpy() for k, v in message.content.array_records["arrays"].items()}
-            seen.append((kind, int(context.node_config["partition-id"]), arrays))
-        return original(message, context)
-
-    monkeypatch.setattr(type(client_app.app), "__call__", spy)
-    return seen
-
-
 def strategy_for(tmp_path: Path, extra: str = "", method: str = "pfedla", **kwargs) -> PFedLAStrategy:
     cfg = load_config(run_config(tmp_path, method, extra=extra))
     model = build_model(cfg)
