@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedvit.evaluation import flops_per_sample
 from fedvit.models.anytime import AnytimeViT, keys_up_to
-from fedvit.params import UpdateError, check_arrays, count, parameter_groups
+from fedvit.params import UpdateError, count, parameter_groups
 from fedvit.registry import register_strategy
 from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record, weighted_mean
 
@@ -95,14 +95,12 @@ class AnytimeStrategy(PersonalizedStrategy):
         out["tier"] = self.tier(client_id)
         return out
 
-    def check_update(self, update: ClientUpdate) -> None:
-        expected = {k: self.shared_shapes[k] for k in self.held_keys(update.client_id)}
-        who = f"client {update.client_id} (tier {self.tier(update.client_id)})"
-        check_arrays(update.arrays, expected, who=who)
-        if update.num_examples <= 0:
-            raise UpdateError(
-                f"client {update.client_id}: num-examples must be > 0, got {update.num_examples}"
-            )
+    def expected_shapes(self, update: ClientUpdate) -> dict[str, tuple[int, ...]]:
+        """Only what the client's tier holds."""
+        return {k: self.shared_shapes[k] for k in self.held_keys(update.client_id)}
+
+    def sender(self, update: ClientUpdate) -> str:
+        return f"client {update.client_id} (tier {self.tier(update.client_id)})"
 
     def aggregate_shared(
         self, server_round: int, updates: list[ClientUpdate], current: ArrayRecord | None

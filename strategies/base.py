@@ -179,9 +179,17 @@ class PersonalizedStrategy(FedAvg):
         """New shared parameters from accepted updates (sample-weighted mean)."""
         return to_record(weighted_mean(updates, self.shared_shapes))
 
+    def expected_shapes(self, update: ClientUpdate) -> Mapping[str, tuple[int, ...]]:
+        """Names and shapes ``update`` must carry (default: the shared split)."""
+        return self.shared_shapes
+
+    def sender(self, update: ClientUpdate) -> str:
+        """How errors about ``update`` name its sender."""
+        return f"client {update.client_id}"
+
     def check_update(self, update: ClientUpdate) -> None:
         """Raise :class:`UpdateError` for a reply that must not be aggregated."""
-        check_arrays(update.arrays, self.shared_shapes, who=f"client {update.client_id}")
+        check_arrays(update.arrays, self.expected_shapes(update), who=self.sender(update))
         if update.num_examples <= 0:
             raise UpdateError(
                 f"client {update.client_id}: num-examples must be > 0, got {update.num_examples}"

@@ -149,15 +149,13 @@ class FedTPStrategy(PersonalizedStrategy):
         self.sent[client_id] = generated
         return to_record({**shared, **generated})
 
+    def expected_shapes(self, update: ClientUpdate) -> dict[str, tuple[int, ...]]:
+        return {**self.shared_shapes, **self.generated_shapes}
+
     def check_update(self, update: ClientUpdate) -> None:
-        expected = {**self.shared_shapes, **self.generated_shapes}
-        check_arrays(update.arrays, expected, who=f"client {update.client_id}")
+        super().check_update(update)
         if update.client_id not in self.sent:
             raise UpdateError(f"client {update.client_id}: an update without weights sent to it this round")
-        if update.num_examples <= 0:
-            raise UpdateError(
-                f"client {update.client_id}: num-examples must be > 0, got {update.num_examples}"
-            )
 
     def aggregate_shared(
         self, server_round: int, updates: list[ClientUpdate], current: ArrayRecord | None
