@@ -288,16 +288,40 @@ class PersonalizedStrategy(FedAvg):
         )
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
 
+    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+        """``grid.send_and_receive`` that remembers which node each message went to, so that
+        :meth:`_split_replies` can name the client of an error the SuperLink wrote itself (a
+        lost node's "Node Unavailable" comes from node 0) and of a message never answered."""
+        sent = list(messages)
+        replies = list(grid.send_and_receive(sent, timeout=timeout))
+        self._sent = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+        answered = {r.metadata.reply_to_message_id for r in replies}
+        self._unanswered = [m.metadata.dst_node_id for m in sent if m.metadata.message_id not in answered]
+        if len(self._sent) < len(sent):  # a grid that leaves message ids unset: match by source
+            sources = {r.metadata.src_node_id for r in replies}
+            self._unanswered = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in sources]
+        self._timeout = timeout
+        return replies
+
+    def _who(self, node: int) -> str:
+        return f"client {self.node_to_client.get(node, '?')} (node {node})"
+
     def _split_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
+        """Good replies, and one line per client that failed: its error, or no reply at all."""
         ok, failures = [], []
+        sent: dict[str, int] = getattr(self, "_sent", {})
         for msg in replies:
             if msg.has_error():
-                node = msg.metadata.src_node_id
-                who = f"client {self.node_to_client.get(node, '?')} (node {node})"
-                failures.append(f"{who}: {msg.error.reason}")
-                log(WARNING, "%s failed: %s", who, msg.error.reason)
+                node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+                failures.append(f"{self._who(node)}: {msg.error.reason}")
+                log(WARNING, "%s failed: %s", self._who(node), msg.error.reason)
             else:
                 ok.append(msg)
+        for node in getattr(self, "_unanswered", []):
+            reason = f"no reply within {getattr(self, '_timeout', float('nan')):g}s"
+            failures.append(f"{self._who(node)}: {reason}")
+            log(WARNING, "%s failed: %s", self._who(node), reason)
+        self._sent, self._unanswered = {}, []
         return ok, failures
 
     def parse_update(self, msg: Message) -> ClientUpdate:
@@ -456,9 +480,7 @@ class PersonalizedStrategy(FedAvg):
             t0 = time.time()
             self.discover(grid, timeout)  # nodes that joined since
             self._current = arrays
-            replies = grid.send_and_receive(
-                self.configure_train(rnd, arrays, train_config, grid), timeout=timeout
-            )
+            replies = self.exchange(grid, self.configure_train(rnd, arrays, train_config, grid), timeout)
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -483,7 +505,7 @@ class PersonalizedStrategy(FedAvg):
         eval_metrics = None
         eval_messages = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
         if eval_messages:
-            replies = grid.send_and_receive(eval_messages, timeout=timeout)
+            replies = self.exchange(grid, eval_messages, timeout)
             eval_metrics = self.aggregate_evaluate(rnd, replies)
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics

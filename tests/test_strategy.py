@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedvit.inprocess import InProcessGrid
 from fedvit.results import RunRecorder
@@ -182,3 +182,39 @@ def test_clients_that_cannot_start_are_reported(tmp_path: Path) -> None:
 
     with pytest.raises(RoundFailedError, match=r"nope\.npz"):
         make_strategy(tmp_path).start(InProcessGrid({}, 3, client_app=broken), initial(), num_rounds=1)
+
+
+class LostNodeGrid(InProcessGrid):
+    """Numbers messages like the SuperLink does. Client ``lost`` stops answering train messages
+    after discovery: with ``superlink_error`` the SuperLink answers for it from node 0, as Flower
+    does once a hard-killed SuperNode misses its heartbeats; without, nothing comes back."""
+
+    def __init__(self, lost: int, superlink_error: bool) -> None:
+        super().__init__({}, 3, client_app=numpy_client())
+        self.lost, self.superlink_error = lost, superlink_error
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}-{i}"
+            cid = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
+            if msg.metadata.message_type != "train" or cid != self.lost:
+                replies.append(self._handle(msg))
+            elif self.superlink_error:
+                err = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=msg)
+                err.metadata.__dict__["_src_node_id"] = 0
+                replies.append(err)
+        return replies
+
+
+@pytest.mark.parametrize("superlink_error", [True, False])
+def test_a_lost_node_is_named_in_the_round_failures_and_the_round_goes_on(
+    tmp_path: Path, superlink_error: bool
+) -> None:
+    grid = LostNodeGrid(lost=1, superlink_error=superlink_error)
+    result = make_strategy(tmp_path).start(grid, initial(), num_rounds=1, timeout=7)
+    # clients 0 and 2 only: (1*10 + 3*30) / 40
+    np.testing.assert_allclose(result.arrays["w"].numpy(), [100 / 40] * 2, rtol=1e-6)
+    (failure,) = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]["train"]["failures"]
+    assert failure.startswith("client 1 (node 1008):")
+    assert ("Node Unavailable" if superlink_error else "no reply within 7s") in failure
