@@ -1,8 +1,10 @@
 """Anytime / anywhere client (Liu et al. 2022; :mod:`fedvit.models.anytime`, :mod:`strategies.anytime`).
 
-* **Tier**: the client's max depth ``k`` (``model.anytime.tiers[client_id % len]``; none: the
-  full depth). Its model runs blocks ``1..k`` only; its shared split is the adapters of exits
-  ``<= k`` plus the other shared parameters (the exit head unless ``exit`` is private), so that
+* **Tier**: the client's max depth ``k``: the SuperNode's ``--node-config max-depth=k`` (a real
+  device says what it can run), else ``model.anytime.tiers[client_id % len]``, else the full
+  depth. The client reports it when it identifies itself, so the server uses the same tier.
+  Its model runs blocks ``1..k`` only; its shared split is the adapters of exits ``<= k`` plus
+  the other shared parameters (the exit head unless ``exit`` is private), so that
   is exactly what it receives and sends.
 * **Frozen backbone**: in the private split (never sent) but never trained and not stored
   either: every client rebuilds it identically (seeded init + ``model.pretrained``). The stored
@@ -37,6 +39,22 @@ from fedvit.training import TrainingError, TrainResult, count_steps, cycle, make
 from strategies.anytime import client_tier
 
 FINETUNE_PARTS = ("adapters", "head", "all")
+NODE_TIER_KEY = "max-depth"
+
+
+def device_tier(setup: ClientSetup) -> int:
+    """This client's max depth: node config ``max-depth`` (must be an exit depth), else
+    ``model.anytime.tiers``, else the full depth."""
+    exits = list(setup.model.exit_depths)
+    declared = setup.node_config.get(NODE_TIER_KEY)
+    if declared is None:
+        return client_tier(setup.cfg.model.anytime.tiers, setup.client_id, exits[-1])
+    text = str(declared).strip()
+    if isinstance(declared, bool) or not text.lstrip("-").isdigit() or int(text) not in exits:
+        raise ValueError(
+            f"node config {NODE_TIER_KEY}={declared!r}: must be one of the model's exit depths {exits}"
+        )
+    return int(text)
 
 
 @register_client("anytime")
@@ -64,7 +82,7 @@ class AnytimeClient(PartialClient):
         model = setup.model
         if not isinstance(model, AnytimeViT):
             raise ValueError("client 'anytime' needs model.anytime.enabled=true")
-        self.tier = client_tier(setup.cfg.model.anytime.tiers, setup.client_id, model.exit_depths[-1])
+        self.tier = device_tier(setup)
         model.max_depth = self.tier
         groups = parameter_groups(model)
         self.backbone = frozenset(groups["backbone"])
@@ -77,6 +95,22 @@ class AnytimeClient(PartialClient):
             private_groups=setup.split.private_groups,
         )
         super().__init__(replace(setup, split=split))
+
+    @staticmethod
+    def describe(setup: ClientSetup) -> dict[str, Any]:
+        return {"tier": device_tier(setup)}
+
+    def check_tier(self, config: dict[str, Any]) -> None:
+        """The server's idea of this client's tier (from its query reply) must be this one."""
+        if "tier" in config and int(config["tier"]) != self.tier:
+            raise ValueError(
+                f"the server treats client {self.client_id} as tier {config['tier']}, but it is tier "
+                f"{self.tier} ({NODE_TIER_KEY} / model.anytime.tiers changed since it identified itself)"
+            )
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        self.check_tier(config)
+        return super().fit(parameters, config)
 
     # ------------------------------------------------------------------ private state
 
@@ -169,6 +203,7 @@ class AnytimeClient(PartialClient):
         return out
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
+        self.check_tier(config)
         self.set_parameters(parameters)
         keep = get_arrays(self.model, self.trainable_keys())
         try:

@@ -17,9 +17,9 @@ alternating phases), :meth:`personalize_for_eval` (e.g. FedBABU's head fine-tuni
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,7 @@ class ClientSetup:
     data: Any  # fedvit.data.ClientDatasets
     store: PrivateStore
     device: torch.device
+    node_config: Mapping[str, Any] = field(default_factory=dict)  # the SuperNode's --node-config
 
 
 @register_client("partial")
@@ -99,6 +100,13 @@ class PartialClient(NumPyClient):
     def restore_private_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Load what :meth:`private_state` saved (in an earlier round or run)."""
         set_arrays(self.model, arrays)
+
+    @staticmethod
+    def describe(setup: ClientSetup) -> dict[str, Any]:
+        """What this client tells the server when it identifies itself (the query reply), beyond
+        its id and data sizes; the server keeps it as ``client_info``. Methods whose clients
+        differ in capability (anytime's device tier) override it."""
+        return {}
 
     @staticmethod
     def adjust_resources(resources: dict[str, float], model: nn.Module) -> dict[str, float]:

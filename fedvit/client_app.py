@@ -102,7 +102,7 @@ def build_setup(message: Message | None, context: Context) -> ClientSetup:
         context_max_bytes=int(cfg.clients.context_state_max_mb * 2**20),
     )
     device = resolve_device(str(context.node_config.get("device", cfg.clients.device)))
-    return ClientSetup(cfg, client_id, model, split, data, store, device)
+    return ClientSetup(cfg, client_id, model, split, data, store, device, dict(context.node_config))
 
 
 def make_client(message: Message, context: Context):
@@ -145,6 +145,7 @@ def identify(message: Message, context: Context) -> Message:
             "num-test": len(data.test),
             "train-hist": [int(v) for v in data.label_histograms["train"]],
             "test-hist": [int(v) for v in data.label_histograms["test"]],
+            **get_client(setup.cfg.method.client).describe(setup),
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=message)

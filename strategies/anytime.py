@@ -1,11 +1,13 @@
 """Anytime / anywhere server (Liu et al. 2022; see :mod:`fedvit.models.anytime`): device tiers.
 
-Client ``i`` has a maximum depth (its tier, ``model.anytime.tiers[i % len]``; none: the full
-depth). It receives, trains and sends only the adapters of exits ``<= tier`` and the other shared
-parameters (the shared exit head); the frozen backbone is never sent (``method.private``).
+Client ``i`` has a maximum depth (its tier): what it reported when it identified itself (its
+SuperNode's ``--node-config max-depth=k``, else ``model.anytime.tiers[i % len]``, else the full
+depth; see :func:`clients.anytime.device_tier`). It receives, trains and sends only the
+adapters of exits ``<= tier`` and the other shared parameters (the shared exit head); the
+frozen backbone is never sent (``method.private``).
 :meth:`aggregate_shared` averages each parameter over the clients that hold it (sample-weighted);
 a parameter that no client of the round holds keeps its value. ``results.json`` ``resources``
-gains per-tier parameters sent and per-exit forward FLOPs.
+gains the parameters sent per round at each possible tier and per-exit forward FLOPs.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class AnytimeStrategy(PersonalizedStrategy):
                 {k: tuple(model.state_dict()[k].shape) for k in parameter_groups(model)["backbone"]}
             )
         }
-        for depth in sorted(set(tiers) or {full}):
+        for depth in model.exit_depths:  # a device may declare any exit as its tier
             sent = count({k: shared[k] for k in keys_up_to(list(shared), depth)})
             resources[f"params_sent_up_per_round_tier{depth}"] = sent
             resources[f"bytes_sent_up_per_round_tier{depth}"] = 4 * sent
@@ -78,7 +80,10 @@ class AnytimeStrategy(PersonalizedStrategy):
         )
 
     def tier(self, client_id: int) -> int:
-        return client_tier(self.tiers, client_id, self.full_depth)
+        """The tier the client reported when it identified itself (its node config's
+        ``max-depth`` or ``model.anytime.tiers``); the configured one before that."""
+        reported = self.client_info.get(client_id, {}).get("tier")
+        return int(reported) if reported is not None else client_tier(self.tiers, client_id, self.full_depth)
 
     def held_keys(self, client_id: int) -> tuple[str, ...]:
         """The shared keys client ``client_id`` receives and sends."""

@@ -176,6 +176,52 @@ def test_tiers_send_exactly_their_adapters_the_backbone_never_moves_and_exits_ar
     )
 
 
+def test_a_device_declares_its_tier_in_its_node_config_and_the_server_follows_it(
+    tmp_path: Path, train_replies
+) -> None:
+    from fedvit.inprocess import InProcessGrid
+    from fedvit.server_app import run
+
+    rc = fedhelpers.run_config(tmp_path, "anytime", TINY, rounds=1, extra="model.anytime.tiers=[1,2,3]")
+    # the config says tiers 1, 2, 3; devices 0 and 1 say otherwise; device 2 says nothing
+    grid = InProcessGrid(rc, 3, node_configs=[{"max-depth": 3}, {"max-depth": "1"}, {}])
+    results = json.loads((run(grid, load_config(rc)) / "results.json").read_text())
+    assert results["status"] == "completed"
+    adapters = parameter_groups(build_model(anytime_cfg()))["adapter"]
+    depth_of = {
+        cid: max(int(k.split(".")[1]) for k in r.content["arrays"] if k in adapters)
+        for cid, r in train_replies
+    }
+    assert depth_of == {0: 3, 1: 1, 2: 3}
+    assert {c: results["rounds"][-1]["eval"]["per_client"][str(c)]["tier"] for c in range(3)} == depth_of
+
+
+@pytest.mark.parametrize("declared", [4, 0, 2, "deep", 2.5, True])
+def test_a_node_config_tier_that_is_not_an_exit_depth_is_refused_by_name(declared) -> None:
+    from types import SimpleNamespace
+
+    from clients.anytime import device_tier
+
+    cfg = anytime_cfg("model.anytime.exits=[1,3]")
+    model = build_model(cfg)
+
+    def setup(node_config):
+        return SimpleNamespace(cfg=cfg, model=model, client_id=0, node_config=node_config)
+
+    with pytest.raises(ValueError, match=r"max-depth=.*exit depths \[1, 3\]"):
+        device_tier(setup({"max-depth": declared}))
+    assert device_tier(setup({"max-depth": "3"})) == 3
+    assert device_tier(setup({})) == 3  # no tiers configured: the full depth
+
+
+def test_a_client_whose_tier_changed_since_it_identified_itself_refuses_the_message() -> None:
+    client = AnytimeClient.__new__(AnytimeClient)
+    client.tier, client.client_id = 2, 5
+    client.check_tier({"tier": 2})
+    with pytest.raises(ValueError, match="treats client 5 as tier 3, but it is tier 2"):
+        client.check_tier({"tier": 3})
+
+
 # --------------------------------------------------------------------------- pretrain
 
 
