@@ -355,6 +355,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--checkpoint", type=Path, metavar="DIR", help="checkpoint directory (default RUN_DIR/checkpoint)"
     )
     p.add_argument("--client-id", type=int, metavar="ID", help="recorded in the export's metadata")
+    p.add_argument(
+        "--exit",
+        type=int,
+        metavar="DEPTH",
+        help="early-exit models (anytime): cut the model at this exit depth (default: the client's tier)",
+    )
     p.add_argument("-o", "--out", type=Path, required=True, metavar="FILE.pt2", help="where to write it")
     p.set_defaults(func=_cmd_export)
 
@@ -370,6 +376,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         run_config=rc,
         checkpoint=args.checkpoint,
         client_id=args.client_id,
+        exit=args.exit,
     )
     print(path, flush=True)
     return 0

@@ -16,7 +16,7 @@ server-generated per-client parameters) are refused with the reason.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ from fedvit.config import (
 #: Extra file inside the exported archive with everything a script needs besides the weights.
 META_FILE = "fedvit.json"
 FORMAT = "fedvit-export/1"
-#: Client methods whose override means the personalized model is more than shared + private.
-_EVAL_HOOKS = ("personalize_for_eval", "private_state", "restore_private_state", "evaluate")
 
 
 @dataclass
@@ -51,6 +49,7 @@ class Personalized:
     round: int | None
     state_dir: Path
     checkpoint: Path
+    cut: dict[str, Any] = field(default_factory=dict)  # where the model was cut (early exits)
 
 
 def config_from_yaml(path: str | Path) -> FedvitConfig:
@@ -67,25 +66,13 @@ def config_from_yaml(path: str | Path) -> FedvitConfig:
 
 
 def check_exportable(cfg: FedvitConfig) -> None:
-    """:class:`ConfigError` unless the method's personalized model is shared + private parameters."""
-    from clients.base import PartialClient
+    """:class:`ConfigError` unless the method's personalized model is shared + private parameters
+    (the client's :meth:`~clients.base.PartialClient.check_export`, and the strategy's
+    :meth:`~strategies.base.PersonalizedStrategy.check_export`)."""
     from fedvit.registry import get_client, get_strategy
-    from strategies.base import PersonalizedStrategy
 
-    client = get_client(cfg.method.client)
-    hooks = [h for h in _EVAL_HOOKS if getattr(client, h, None) is not getattr(PartialClient, h)]
-    if hooks:
-        raise ConfigError(
-            f"method '{cfg.method.name}': its client ({client.__name__}) overrides {', '.join(hooks)}, so "
-            "its personalized model is not the shared + private parameters; export is not supported"
-        )
-    strategy = get_strategy(cfg.method.strategy)
-    if getattr(strategy, "client_arrays", None) is not PersonalizedStrategy.client_arrays:
-        raise ConfigError(
-            f"method '{cfg.method.name}': the server sends each client its own parameters "
-            f"({strategy.__name__}.client_arrays), which the checkpoint does not hold; "
-            "export is not supported"
-        )
+    get_client(cfg.method.client).check_export(cfg)
+    get_strategy(cfg.method.strategy).check_export(cfg)
 
 
 def _private_dir(state_dir: Path, cfg: FedvitConfig) -> Path:
@@ -104,12 +91,18 @@ def personalized_model(
     cfg: FedvitConfig,
     checkpoint: str | Path,
     client_id: int | None = None,
+    *,
+    exit: int | None = None,
+    tier: int | None = None,
 ) -> Personalized:
-    """Build ``cfg``'s model with the checkpoint's shared and the state directory's private parameters."""
+    """Build ``cfg``'s model with the checkpoint's shared and the state directory's private
+    parameters, cut at early exit ``exit`` (``None``: the deepest the client runs, ``tier``)."""
     from fedvit.models import build_model
     from fedvit.params import ParameterSplit, check_arrays, set_arrays
+    from fedvit.registry import get_client
 
     check_exportable(cfg)
+    client = get_client(cfg.method.client)
     ckpt = Path(checkpoint).expanduser()
     if not (ckpt / "arrays.npz").is_file():
         raise ConfigError(f"no checkpoint in {ckpt} (missing arrays.npz); was the run checkpointed?")
@@ -128,11 +121,26 @@ def personalized_model(
         raise ConfigError(f"{private_dir} holds private parameters of another model or method than the run's")
     with np.load(private_dir / "private.npz", allow_pickle=False) as z:
         private = {k: z[k] for k in z.files}
-    check_arrays(private, split.shapes(model, "private"), who=f"state directory {private_dir}")
+    stored = split.shapes(model, "private")
+    stored = {k: stored[k] for k in client.stored_private_keys(model, split)}
+    check_arrays(private, stored, who=f"state directory {private_dir}")
     set_arrays(model, {**shared, **private})
+    cut = client.cut_for_export(model, cfg, exit, tier)
     state = ckpt / "state.json"
     rnd = json.loads(state.read_text()).get("round") if state.is_file() else None
-    return Personalized(cfg, model.eval(), client_id, rnd, private_dir, ckpt)
+    return Personalized(cfg, model.eval(), client_id, rnd, private_dir, ckpt, cut)
+
+
+def reported_tier(run_dir: Path, client_id: int | None) -> int | None:
+    """The tier client ``client_id`` reported in the run's last evaluation (``results.json``)."""
+    path = run_dir / "results.json"
+    if client_id is None or not path.is_file():
+        return None
+    for rnd in reversed(json.loads(path.read_text()).get("rounds", [])):
+        tier = rnd.get("eval", {}).get("per_client", {}).get(str(client_id), {}).get("tier")
+        if tier is not None:
+            return int(tier)
+    return None
 
 
 def preprocessing(cfg: FedvitConfig) -> dict[str, Any]:
@@ -162,27 +170,32 @@ def export(
     checkpoint: str | Path | None = None,
     client_id: int | None = None,
     class_names: list[str] | None = None,
+    exit: int | None = None,
 ) -> Path:
     """Write client ``state_dir``'s personalized model to ``out`` (a ``torch.export`` program with
     ``fedvit.json`` inside).
 
     The run's config comes from ``run_dir/config.yaml`` or, without ``run_dir``, from
     ``run_config`` (Flower run-config keys, as for ``fedvit run``); the shared parameters from
-    ``checkpoint`` (default ``run_dir/checkpoint``).
+    ``checkpoint`` (default ``run_dir/checkpoint``). Early-exit models (anytime) are cut at
+    ``exit`` (default: the client's tier, as ``run_dir/results.json`` reports it for
+    ``client_id``); nothing after that exit is in the program.
     """
     from fedvit.models import example_input
 
+    tier = None
     if run_dir is not None:
         rd = Path(run_dir).expanduser()
         cfg = config_from_yaml(rd / "config.yaml")
         checkpoint = checkpoint or rd / "checkpoint"
+        tier = reported_tier(rd, client_id)
     elif run_config is not None:
         cfg = load_config(run_config)
         if checkpoint is None:
             raise ConfigError("export: give --checkpoint (or --run-dir) with --run-config")
     else:
         raise ConfigError("export: give --run-dir, or --run-config with --checkpoint")
-    p = personalized_model(state_dir, cfg, checkpoint, client_id)
+    p = personalized_model(state_dir, cfg, checkpoint, client_id, exit=exit, tier=tier)
     x = example_input(cfg, batch=2)
     if x.is_floating_point():
         x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
@@ -199,6 +212,7 @@ def export(
         "dataset": cfg.data.name,
         "client_id": client_id,
         "round": p.round,
+        **p.cut,
         "num_classes": cfg.data.num_classes,
         "class_names": class_names,
         "preprocess": preprocessing(cfg),

@@ -95,6 +95,10 @@ class AnytimeStrategy(PersonalizedStrategy):
         held = set(self.held_keys(client_id))
         return ArrayRecord({k: v for k, v in arrays.items() if k in held})
 
+    @classmethod
+    def check_export(cls, cfg: Any) -> None:
+        """Exportable: :meth:`client_arrays` only picks a tier's subset of the checkpoint's arrays."""
+
     def client_config(self, server_round: int, client_id: int, config: ConfigRecord) -> ConfigRecord:
         out = super().client_config(server_round, client_id, config)
         out["tier"] = self.tier(client_id)

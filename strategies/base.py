@@ -199,6 +199,19 @@ class PersonalizedStrategy(FedAvg):
         """Extra server state to checkpoint: (arrays, JSON-serializable dict)."""
         return {}, {}
 
+    @classmethod
+    def check_export(cls, cfg: Any) -> None:
+        """``ConfigError`` unless a client's shared parameters are the checkpoint's (what ``fedvit
+        export`` combines with its private ones). Default: refused when the class overrides
+        :meth:`client_arrays` (a server that makes per-client parameters, e.g. FedTP, pFedLA)."""
+        if cls.client_arrays is not PersonalizedStrategy.client_arrays:
+            from fedvit.config import ConfigError
+
+            raise ConfigError(
+                f"method '{cfg.method.name}': the server sends each client its own parameters "
+                f"({cls.__name__}.client_arrays), which the checkpoint does not hold; export is not supported"
+            )
+
     def server_resources(self) -> dict[str, float]:
         """What the server itself holds beyond the model (e.g. a hypernetwork's parameters);
         merged into ``results.json`` ``resources``."""

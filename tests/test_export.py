@@ -121,3 +121,73 @@ def test_export_from_run_config_and_refusals(fedper_run, tmp_path: Path) -> None
                 run_config={**rc, "method": method},
                 checkpoint=run_dir / "checkpoint",
             )
+
+
+# --------------------------------------------------------------------------- anytime: cut at an exit
+
+ANYTIME = (
+    "model.depth=3 model.embed_dim=16 model.num_heads=2 model.anytime.width=8 model.anytime.tiers=[1,3] "
+    "method.private=[backbone,client_token,exit] data.max_train_per_client=60 train.batch_size=32 "
+    "train.local_steps=2"
+)
+
+
+@pytest.fixture(scope="module")
+def anytime_run(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("export-anytime")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDVIT_STATE_DIR", str(tmp / "state"))
+        rc = fedhelpers.run_config(tmp, "anytime", ANYTIME, rounds=1)
+        _, results, run_dir = fedhelpers.federate(rc)
+    return rc, results, run_dir, tmp / "state"
+
+
+@pytest.mark.timeout(300)
+def test_an_anytime_export_is_cut_at_the_chosen_exit_and_predicts_what_the_federation_evaluated(
+    anytime_run, tmp_path: Path
+) -> None:
+    from fedvit.data import load_client_datasets
+
+    rc, results, run_dir, state_root = anytime_run
+    predict = _predict_module()
+    per_client = results["rounds"][-1]["eval"]["per_client"]
+    for cid, exit_, label in ((0, None, "exit1"), (1, None, "exit3"), (1, 2, "exit2"), (1, 1, "exit1")):
+        (state_dir,) = state_root.glob(f"anytime-*/client-{cid}")
+        out = tmp_path / f"client{cid}-{exit_}.pt2"
+        argv = ["export", str(state_dir), "--run-dir", str(run_dir), "--client-id", str(cid), "-o", str(out)]
+        assert cli_main([*argv, *(["--exit", str(exit_)] if exit_ else [])]) == 0
+        model, meta = predict.load(out)
+        assert (meta["tier"], meta["exit"]) == (1 if cid == 0 else 3, int(label.removeprefix("exit")))
+        test = load_client_datasets(load_config(rc), cid).test
+        raw = np.stack([test.split.images[int(j)] for j in test.indices])
+        acc = float((predict.predict(model, meta, raw).argmax(1) == np.asarray(test.labels)).mean())
+        # the exit's accuracy as the federation measured it for this client (private exit head)
+        assert acc == pytest.approx(per_client[str(cid)][f"test-acc-{label}"])
+        # nothing after the exit is in the file: no deeper block, no deeper adapter
+        depths = {
+            (k.split(".")[0], int(k.split(".")[1])) for k in model.state_dict() if k[:7] in "blocks.adapters"
+        }
+        assert max(d for part, d in depths if part == "blocks") == meta["exit"] - 1  # 0-based
+        assert max(d for part, d in depths if part == "adapters") == meta["exit"]
+
+
+@pytest.mark.timeout(120)
+def test_an_anytime_export_refuses_an_exit_beyond_the_tier_or_off_the_exits(
+    anytime_run, fedper_run, tmp_path
+) -> None:
+    from fedvit.export import export
+
+    rc, _, run_dir, state_root = anytime_run
+    (tier1,) = state_root.glob("anytime-*/client-0")
+    with pytest.raises(ConfigError, match="tier 1; it never trained a deeper exit"):
+        export(tier1, tmp_path / "x.pt2", run_dir=run_dir, client_id=0, exit=3)
+    with pytest.raises(ConfigError, match=r"exits are at depths \[1, 2, 3\]"):
+        export(tier1, tmp_path / "x.pt2", run_dir=run_dir, client_id=0, exit=4)
+    ckpt = run_dir / "checkpoint"
+    tuned = {**rc, "overrides": rc["overrides"] + " method.options.finetune_steps=2"}
+    with pytest.raises(ConfigError, match="finetune_steps=2 fine-tunes at each evaluation"):
+        export(tier1, tmp_path / "x.pt2", run_config=tuned, checkpoint=ckpt)
+    _, _, frun, fstate = fedper_run
+    with pytest.raises(ConfigError, match="has no early exits"):
+        export(_state_dir(fstate, 0), tmp_path / "x.pt2", run_dir=frun, exit=1)
+    assert not list(tmp_path.glob("*.pt2")) and not list(tmp_path.glob(".*tmp"))

@@ -149,6 +149,17 @@ class AnytimeViT(VisionTransformer):
             raise ValueError(f"no exit at depth <= {cap} (exits: {self.exit_depths})")
         return exits
 
+    def truncate(self, depth: int) -> None:
+        """Drop every block and adapter deeper than exit ``depth`` (an export cut at that exit)."""
+        if depth not in self.exit_depths:
+            raise ValueError(f"no exit at depth {depth} (exits: {self.exit_depths})")
+        self.blocks = self.blocks[:depth]
+        for d in self.exit_depths:
+            if d > depth:
+                del self.adapters[str(d)]
+        self.exit_depths = tuple(d for d in self.exit_depths if d <= depth)
+        self.max_depth = depth
+
     def forward_exits(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
         """Logits of every exit up to ``depth`` (and ``max_depth``), shallow to deep."""
         exits = self.active_exits(depth)
