@@ -7,12 +7,15 @@ adapters of exits ``<= tier`` and the other shared parameters (the shared exit h
 frozen backbone is never sent (``method.private``).
 :meth:`aggregate_shared` averages each parameter over the clients that hold it (sample-weighted);
 a parameter that no client of the round holds keeps its value. ``results.json`` ``resources``
-gains the parameters sent per round at each possible tier and per-exit forward FLOPs.
+gains the parameters sent per round at each possible tier and per-exit forward FLOPs; each
+client's evaluation gains its accuracy at compute budgets (:meth:`client_eval_metrics`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from fedvit.evaluation import flops_per_sample
 from fedvit.models.anytime import AnytimeViT, keys_up_to
 from fedvit.params import UpdateError, count, parameter_groups
-from fedvit.registry import register_strategy
+from fedvit.registry import option_error, register_strategy
 from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record, weighted_mean
 
 
@@ -32,15 +35,38 @@ def client_tier(tiers: Sequence[int], client_id: int, full_depth: int) -> int:
 
 @register_strategy("anytime")
 class AnytimeStrategy(PersonalizedStrategy):
-    """FedAvg of each shared parameter over the clients (tiers) that hold it."""
+    """FedAvg of each shared parameter over the clients (tiers) that hold it; accuracy at
+    compute budgets from the per-exit accuracies."""
+
+    @dataclass
+    class Options:
+        #: per-sample compute budgets (MFLOPs) to report accuracy at; []: each exit's cost
+        budgets_mflops: list[float] = field(default_factory=list)
+
+        def __post_init__(self) -> None:
+            self.budgets_mflops = [float(b) for b in self.budgets_mflops]
+            if not all(b > 0 and math.isfinite(b) for b in self.budgets_mflops):
+                raise option_error("budgets_mflops", f"must be positive MFLOPs, got {self.budgets_mflops}")
 
     def __init__(
-        self, *, tiers: Sequence[int] = (), full_depth: int, resources: dict[str, float] | None = None, **kw
+        self,
+        *,
+        tiers: Sequence[int] = (),
+        full_depth: int,
+        resources: dict[str, float] | None = None,
+        options: Options | None = None,
+        **kw,
     ) -> None:
         super().__init__(**kw)
         self.tiers = tuple(int(t) for t in tiers)
         self.full_depth = full_depth
         self._resources = dict(resources or {})
+        self.options = options or self.Options()
+        self.exit_flops = {
+            int(k.removeprefix("flops_per_sample_exit")): float(v)
+            for k, v in self._resources.items()
+            if k.startswith("flops_per_sample_exit")
+        }
 
     @classmethod
     def from_config(cls, cfg, *, model, split, recorder, run_dir, run_name, **kwargs: Any):
@@ -126,6 +152,24 @@ class AnytimeStrategy(PersonalizedStrategy):
             else:
                 raise UpdateError(f"no client holds '{k}' and there is no current value")
         return to_record(out)
+
+    def budgets(self) -> dict[str, float]:
+        """Metric suffix -> FLOPs per sample: ``budget-exit<d>`` at each exit's cost, or
+        ``budget-<B>M`` for each of ``options.budgets_mflops``."""
+        if self.options.budgets_mflops:
+            return {f"budget-{b:g}M": b * 1e6 for b in self.options.budgets_mflops}
+        return {f"budget-exit{d}": f for d, f in sorted(self.exit_flops.items())}
+
+    def client_eval_metrics(self, client_id: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Adds ``test-acc-<budget>`` for every budget: the accuracy of the deepest exit the
+        client has (its tier) that costs at most the budget per sample; 0 when even its first
+        exit costs more (no answer in budget)."""
+        out = dict(metrics)
+        exits = sorted(int(k.removeprefix("test-acc-exit")) for k in metrics if k.startswith("test-acc-exit"))
+        for name, flops in self.budgets().items():
+            within = [d for d in exits if self.exit_flops.get(d, math.inf) <= flops * (1 + 1e-9)]
+            out[f"test-acc-{name}"] = float(metrics[f"test-acc-exit{within[-1]}"]) if within else 0.0
+        return out
 
     def server_resources(self) -> dict[str, float]:
         return dict(self._resources)

@@ -199,6 +199,11 @@ class PersonalizedStrategy(FedAvg):
         """Extra server state to checkpoint: (arrays, JSON-serializable dict)."""
         return {}, {}
 
+    def client_eval_metrics(self, client_id: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Client ``client_id``'s evaluation metrics as recorded (and summarized over clients);
+        a strategy may derive more from what it knows (anytime: accuracy at compute budgets)."""
+        return metrics
+
     @classmethod
     def check_export(cls, cfg: Any) -> None:
         """``ConfigError`` unless a client's shared parameters are the checkpoint's (what ``fedvit
@@ -405,7 +410,7 @@ class PersonalizedStrategy(FedAvg):
         for msg in ok:
             metrics = dict(msg.content[METRICS])
             cid = int(metrics.pop("client-id", self.node_to_client.get(msg.metadata.src_node_id, -1)))
-            per_client[cid] = metrics
+            per_client[cid] = self.client_eval_metrics(cid, metrics)
         if not per_client or self.recorder is None:
             return None
         ev = self.recorder.record_eval(server_round, per_client, failures)

@@ -125,6 +125,26 @@ def test_the_server_averages_each_parameter_over_the_clients_that_hold_it() -> N
         strategy.check_update(extra)  # a tier-1 client may not send adapter 2
 
 
+def test_accuracy_at_a_compute_budget_is_the_deepest_affordable_exit_a_client_has() -> None:
+    flops = {"flops_per_sample_exit1": 1e6, "flops_per_sample_exit2": 2e6, "flops_per_sample_exit3": 3e6}
+    tier2 = {"test-acc-exit1": 0.5, "test-acc-exit2": 0.7, "test-acc": 0.7}  # a tier-2 client
+    by_exit = AnytimeStrategy(full_depth=3, shared_shapes={}, num_clients=1, resources=flops)
+    got = by_exit.client_eval_metrics(0, tier2)
+    assert {k: v for k, v in got.items() if "budget" in k} == {
+        "test-acc-budget-exit1": 0.5,
+        "test-acc-budget-exit2": 0.7,
+        "test-acc-budget-exit3": 0.7,  # it has no exit 3: its deepest exit answers within budget
+    }
+    options = AnytimeStrategy.Options(budgets_mflops=[0.5, 1.0, 2.5, 10])
+    explicit = AnytimeStrategy(
+        full_depth=3, shared_shapes={}, num_clients=1, resources=flops, options=options
+    )
+    got = explicit.client_eval_metrics(0, tier2)
+    assert [got[f"test-acc-budget-{b}M"] for b in ("0.5", "1", "2.5", "10")] == [0.0, 0.5, 0.7, 0.7]
+    with pytest.raises(ConfigError, match="budgets_mflops"):
+        anytime_cfg("method.options.budgets_mflops=[0]")
+
+
 # --------------------------------------------------------------------------- in a federation
 
 
@@ -167,6 +187,12 @@ def test_tiers_send_exactly_their_adapters_the_backbone_never_moves_and_exits_ar
         assert exits == list(range(1, cid + 2))
         assert m["test-acc"] == m[f"test-acc-exit{cid + 1}"]
     assert ev["test_acc_exit1"]["n"] == 3 and ev["test_acc_exit3"]["n"] == 1
+    # every client answers within exit 3's budget, with its own deepest exit
+    assert ev["test_acc_budget_exit3"]["n"] == 3
+    assert all(
+        ev["per_client"][str(c)]["test-acc-budget-exit3"] == ev["per_client"][str(c)]["test-acc"]
+        for c in range(3)
+    )
     res = results["resources"]
     assert res["flops_per_sample_exit1"] < res["flops_per_sample_exit2"] < res["flops_per_sample_exit3"]
     assert (
