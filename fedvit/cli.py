@@ -331,7 +331,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.epochs < 1 or (args.max_examples is not None and args.max_examples < 1):
         raise ConfigError("pretrain: --epochs and --max-examples must be >= 1")
     summary = pretrain(
-        load_config(_run_config(args)), args.out, epochs=args.epochs, max_examples=args.max_examples
+        load_config(_run_config(args)),
+        args.out,
+        epochs=args.epochs,
+        max_examples=args.max_examples,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(json.dumps(summary, indent=2), flush=True)
     return 0

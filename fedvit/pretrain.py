@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,16 @@ def plain_config(cfg: FedvitConfig) -> FedvitConfig:
 
 
 def pretrain(
-    cfg: FedvitConfig, out: Path | str, *, epochs: int = 1, max_examples: int | None = None
+    cfg: FedvitConfig,
+    out: Path | str,
+    *,
+    epochs: int = 1,
+    max_examples: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg``'s plain ViT on ``cfg.data``'s train split; write ``{"model": state_dict}``
-    to ``out`` atomically; return a summary (examples, test accuracy, seconds, path)."""
+    to ``out`` atomically; return a summary (examples, test accuracy, seconds, path).
+    ``progress`` receives one line per epoch (and one before the first)."""
     from fedvit.data import ImageDataset, make_transform, prepared_source
     from fedvit.models import build_model
     from fedvit.training import evaluate, make_loader, resolve_device, train_local
@@ -61,7 +68,16 @@ def pretrain(
     model = build_model(cfg)
     tc = dataclasses.replace(cfg.train, local_steps=None, local_epochs=epochs)
     loader = make_loader(train, tc.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.data.num_workers)
-    result = train_local(model, loader, tc, device)
+    say = progress or (lambda _line: None)
+    say(f"pretrain: {len(train)} examples, {epochs} epoch(s) of {len(loader)} batches on {device}")
+
+    def on_epoch(epoch: int, running: Any) -> None:
+        say(
+            f"pretrain: epoch {epoch}/{epochs}: running train loss {running.loss:.4f}, "
+            f"acc {running.accuracy:.4f} ({time.time() - t0:.0f}s)"
+        )
+
+    result = train_local(model, loader, tc, device, on_epoch=on_epoch)
     test_loader = make_loader(test, tc.eval_batch_size, shuffle=False, workers=cfg.data.num_workers)
     acc = evaluate(model, test_loader, device).accuracy
     out = Path(out).expanduser()

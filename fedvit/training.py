@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -128,8 +128,12 @@ def train_local(
     epochs: int | None = None,
     steps: int | None = None,
     loss_fn: nn.Module | None = None,
+    on_epoch: Callable[[int, TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train ``params`` (default: all trainable parameters of ``model``) on ``loader``.
+
+    ``on_epoch(epoch, running)`` is called after each full pass over ``loader`` (1-based) with
+    the running loss and accuracy since the start (progress of long runs, e.g. ``fedvit pretrain``).
 
     Runs ``steps`` optimizer steps if given (cycling the loader), else ``epochs`` epochs
     (default: ``tc.local_steps`` or ``tc.local_epochs``). Uses AMP on CUDA when
@@ -164,6 +168,8 @@ def train_local(
         scaler.step(optimizer)
         scaler.update()
         tally.add(loss.item(), logits, y)
+        if on_epoch is not None and (step + 1) % len(loader) == 0:
+            on_epoch((step + 1) // len(loader), tally.result(step + 1))
     return tally.result(max_steps)
 
 

@@ -254,9 +254,12 @@ def test_a_client_whose_tier_changed_since_it_identified_itself_refuses_the_mess
 def test_pretrain_writes_a_file_that_model_pretrained_loads(tmp_path: Path, capsys) -> None:
     out = tmp_path / "backbone.pt"
     over = f"{TINY} data.cache_dir={tmp_path / 'cache'}"
-    code = cli_main(["pretrain", "-c", f"overrides='{over}'", "--out", str(out), "--max-examples", "200"])
-    assert code == 0 and out.is_file()
-    summary = json.loads(capsys.readouterr().out)
+    argv = ["pretrain", "-c", f"overrides='{over}'", "--out", str(out), "--max-examples", "200"]
+    argv += ["--epochs", "2"]
+    assert cli_main(argv) == 0 and out.is_file()
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)  # the summary alone on stdout; progress on stderr
+    assert "epoch 1/2" in captured.err and "epoch 2/2" in captured.err
     assert summary["examples"] == 200 and 0 <= summary["test_acc"] <= 1
     saved = torch.load(out, weights_only=True)["model"]
     fresh = build_model(anytime_cfg()).state_dict()
