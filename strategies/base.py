@@ -125,6 +125,10 @@ class PersonalizedStrategy(FedAvg):
         self.client_info: dict[int, dict[str, Any]] = {}
         self.num_rounds = 0
         self._current: ArrayRecord | None = None
+        # the last exchange (see exchange()): message id -> node, nodes without a reply, timeout
+        self._sent: dict[str, int] = {}
+        self._unanswered: list[int] = []
+        self._timeout = float("nan")
 
     @classmethod
     def from_config(cls, cfg, *, model, split, recorder, run_dir: Path, run_name: str, **kwargs: Any):
@@ -312,10 +316,12 @@ class PersonalizedStrategy(FedAvg):
         lost node's "Node Unavailable" comes from node 0) and of a message never answered."""
         sent = list(messages)
         replies = list(grid.send_and_receive(sent, timeout=timeout))
-        self._sent = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
-        answered = {r.metadata.reply_to_message_id for r in replies}
-        self._unanswered = [m.metadata.dst_node_id for m in sent if m.metadata.message_id not in answered]
-        if len(self._sent) < len(sent):  # a grid that leaves message ids unset: match by source
+        if all(m.metadata.message_id for m in sent):
+            self._sent = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+            answered = {r.metadata.reply_to_message_id for r in replies}
+            self._unanswered = [n for mid, n in self._sent.items() if mid not in answered]
+        else:  # a grid that leaves message ids unset (in-process): match replies by their source
+            self._sent = {}
             sources = {r.metadata.src_node_id for r in replies}
             self._unanswered = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in sources]
         self._timeout = timeout
@@ -327,16 +333,15 @@ class PersonalizedStrategy(FedAvg):
     def _split_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
         """Good replies, and one line per client that failed: its error, or no reply at all."""
         ok, failures = [], []
-        sent: dict[str, int] = getattr(self, "_sent", {})
         for msg in replies:
             if msg.has_error():
-                node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+                node = self._sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
                 failures.append(f"{self._who(node)}: {msg.error.reason}")
                 log(WARNING, "%s failed: %s", self._who(node), msg.error.reason)
             else:
                 ok.append(msg)
-        for node in getattr(self, "_unanswered", []):
-            reason = f"no reply within {getattr(self, '_timeout', float('nan')):g}s"
+        for node in self._unanswered:
+            reason = f"no reply within {self._timeout:g}s"
             failures.append(f"{self._who(node)}: {reason}")
             log(WARNING, "%s failed: %s", self._who(node), reason)
         self._sent, self._unanswered = {}, []
