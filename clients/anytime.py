@@ -151,7 +151,7 @@ class AnytimeClient(PartialClient):
     # ------------------------------------------------------------------ private state
 
     def _stored_keys(self) -> list[str]:
-        return [k for k in self.split.private if k not in self.backbone]
+        return self.stored_private_keys(self.model, self.split)
 
     def private_state_shapes(self) -> dict[str, tuple[int, ...]]:
         sd = self.model.state_dict()
