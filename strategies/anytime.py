@@ -53,20 +53,20 @@ class AnytimeStrategy(PersonalizedStrategy):
         *,
         tiers: Sequence[int] = (),
         full_depth: int,
+        exit_flops: dict[int, float] | None = None,
         resources: dict[str, float] | None = None,
         options: Options | None = None,
         **kw,
     ) -> None:
+        """``exit_flops``: forward FLOPs per sample up to each exit (the compute budgets);
+        ``resources``: the rest of what ``results.json`` reports about the model."""
         super().__init__(**kw)
         self.tiers = tuple(int(t) for t in tiers)
         self.full_depth = full_depth
+        self.exit_flops = {int(d): float(f) for d, f in (exit_flops or {}).items()}
         self._resources = dict(resources or {})
+        self._resources.update({f"flops_per_sample_exit{d}": f for d, f in self.exit_flops.items()})
         self.options = options or self.Options()
-        self.exit_flops = {
-            int(k.removeprefix("flops_per_sample_exit")): float(v)
-            for k, v in self._resources.items()
-            if k.startswith("flops_per_sample_exit")
-        }
 
     @classmethod
     def from_config(cls, cfg, *, model, split, recorder, run_dir, run_name, **kwargs: Any):
@@ -85,11 +85,12 @@ class AnytimeStrategy(PersonalizedStrategy):
             sent = count({k: shared[k] for k in keys_up_to(list(shared), depth)})
             resources[f"params_sent_up_per_round_tier{depth}"] = sent
             resources[f"bytes_sent_up_per_round_tier{depth}"] = 4 * sent
+        exit_flops: dict[int, float] = {}
         saved = model.max_depth
         try:
             for depth in model.exit_depths:
                 model.max_depth = depth
-                resources[f"flops_per_sample_exit{depth}"] = flops_per_sample(model, example_input(cfg))
+                exit_flops[depth] = flops_per_sample(model, example_input(cfg))
         finally:
             model.max_depth = saved
         return super().from_config(
@@ -101,6 +102,7 @@ class AnytimeStrategy(PersonalizedStrategy):
             run_name=run_name,
             tiers=tiers,
             full_depth=full,
+            exit_flops=exit_flops,
             resources=resources,
             **kwargs,
         )

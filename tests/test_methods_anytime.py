@@ -126,9 +126,9 @@ def test_the_server_averages_each_parameter_over_the_clients_that_hold_it() -> N
 
 
 def test_accuracy_at_a_compute_budget_is_the_deepest_affordable_exit_a_client_has() -> None:
-    flops = {"flops_per_sample_exit1": 1e6, "flops_per_sample_exit2": 2e6, "flops_per_sample_exit3": 3e6}
+    flops = {1: 1e6, 2: 2e6, 3: 3e6}
     tier2 = {"test-acc-exit1": 0.5, "test-acc-exit2": 0.7, "test-acc": 0.7}  # a tier-2 client
-    by_exit = AnytimeStrategy(full_depth=3, shared_shapes={}, num_clients=1, resources=flops)
+    by_exit = AnytimeStrategy(full_depth=3, shared_shapes={}, num_clients=1, exit_flops=flops)
     got = by_exit.client_eval_metrics(0, tier2)
     assert {k: v for k, v in got.items() if "budget" in k} == {
         "test-acc-budget-exit1": 0.5,
@@ -137,7 +137,7 @@ def test_accuracy_at_a_compute_budget_is_the_deepest_affordable_exit_a_client_ha
     }
     options = AnytimeStrategy.Options(budgets_mflops=[0.5, 1.0, 2.5, 10])
     explicit = AnytimeStrategy(
-        full_depth=3, shared_shapes={}, num_clients=1, resources=flops, options=options
+        full_depth=3, shared_shapes={}, num_clients=1, exit_flops=flops, options=options
     )
     got = explicit.client_eval_metrics(0, tier2)
     assert [got[f"test-acc-budget-{b}M"] for b in ("0.5", "1", "2.5", "10")] == [0.0, 0.5, 0.7, 0.7]
