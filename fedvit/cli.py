@@ -5,6 +5,7 @@
     fedvit partition [--run-config "k=v ..."]... [--top N] [--json]
     fedvit config [--run-config "k=v ..."]... [--json]
     fedvit bench pfedla-memory [--clients N ...] [--overrides "k=v ..."] [--out FILE.json]
+    fedvit bench round [--run-config "k=v ..."]... [--app DIR] [--skip-floor] [--skip-bound] [--out FILE.json]
 
 ``--run-config`` takes Flower's syntax (``"method='fedper' num-server-rounds=5"``, or a ``.toml``
 file) and may be repeated; later values win. Bare words are strings (``method=fedper``).
@@ -282,24 +283,57 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="server-side benchmarks (each size in a fresh subprocess)",
+        help="benchmarks: pFedLA's server memory, a federation's round time against its yardsticks",
         description="pfedla-memory: build pFedLA's server state for N clients of the tiny ViT (digits "
         "defaults) and run one round's server work for all N (θ̄_i, an HN step from a synthetic Δ, "
-        "θ_i stored) without Flower; report each child's peak RSS and times as JSON.",
+        "θ_i stored) without Flower; report each child's peak RSS and times as JSON. "
+        "round: run the federation of --run-config (Ray simulation, 1 CPU per client), then time the "
+        "model's pure compute (1 thread) and Flower's no-op floor for the same N and payload; report "
+        "steady round time, bound, floor, ratios, per-message overhead, start-up, peak RSS as JSON "
+        "(fields: docs/experiments.md, 'Simulation overhead benchmark').",
     )
-    p.add_argument("bench", choices=("pfedla-memory",), help="which benchmark")
-    p.add_argument("--clients", type=int, nargs="+", default=[20, 50, 100], metavar="N", help="client counts")
-    p.add_argument("--overrides", default="", metavar="'k=v ...'", help="config overrides (dotted keys)")
+    p.add_argument("bench", choices=("pfedla-memory", "round"), help="which benchmark")
+    p.add_argument(
+        "--clients", type=int, nargs="+", default=[20, 50, 100], metavar="N", help="pfedla-memory: sizes"
+    )
+    p.add_argument(
+        "--overrides", default="", metavar="'k=v ...'", help="pfedla-memory: config overrides (dotted keys)"
+    )
+    _add_run_config_arg(p)
+    p.add_argument("--app", type=Path, metavar="DIR", help="round: the app to run (default: this repo)")
+    p.add_argument("--skip-floor", action="store_true", help="round: do not measure Flower's floor")
+    p.add_argument("--skip-bound", action="store_true", help="round: do not measure the compute bound")
+    p.add_argument(
+        "--timeout", type=float, default=3600.0, metavar="S", help="round: limit of the run and of the floor"
+    )
+    p.add_argument(
+        "--bound-seconds", type=float, default=8.0, metavar="S", help="round: timing of each step kind"
+    )
     p.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report here")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from fedvit.bench import pfedla_memory
+    if args.bench == "round":
+        from fedvit.bench_round import REPO, round_bench
 
-    if any(n < 1 for n in args.clients):
-        raise ConfigError("bench: --clients must be >= 1")
-    report = pfedla_memory(args.clients, overrides=args.overrides)
+        if args.timeout <= 0 or args.bound_seconds <= 0:
+            raise ConfigError("bench round: --timeout and --bound-seconds must be > 0")
+        report = round_bench(
+            _run_config(args),
+            app_dir=args.app or REPO,
+            skip_floor=args.skip_floor,
+            skip_bound=args.skip_bound,
+            timeout_s=args.timeout,
+            bound_measure_s=args.bound_seconds,
+            progress=_err,
+        )
+    else:
+        from fedvit.bench import pfedla_memory
+
+        if any(n < 1 for n in args.clients):
+            raise ConfigError("bench: --clients must be >= 1")
+        report = pfedla_memory(args.clients, overrides=args.overrides)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
