@@ -172,6 +172,13 @@ class ServerConfig:
     min_train_clients: int = 1
     min_available_clients: int | None = None  # None: every client (clients.num_clients)
     eval_every: int = 1
+    # Sampled evaluation: each evaluated round asks this share of the live clients (seeded by seed
+    # and round, independent of the training sample); 1.0 (default) evaluates every client.
+    eval_fraction: float = 1.0
+    eval_min_clients: int = 1  # a sampled round asks at least this many clients
+    # Rounds where every client is evaluated whatever eval_fraction is (also evaluated when not a
+    # multiple of eval_every); the last round always is.
+    eval_full_rounds: list[int] = field(default_factory=list)
     round_timeout: float = 3600.0
     checkpoint: bool = True
     resume: str | None = None  # a run directory (outputs/<run>) to continue
@@ -398,6 +405,17 @@ def validate(cfg: FedvitConfig) -> None:
             f"must be in [1, clients.num_clients={c.num_clients}], got {s.min_available_clients}",
         )
     _check(s.eval_every >= 1, "server.eval_every", f"must be >= 1, got {s.eval_every}")
+    _check(0 < s.eval_fraction <= 1, "server.eval_fraction", f"must be in (0, 1], got {s.eval_fraction}")
+    _check(
+        1 <= s.eval_min_clients <= c.num_clients,
+        "server.eval_min_clients",
+        f"must be in [1, clients.num_clients={c.num_clients}], got {s.eval_min_clients}",
+    )
+    _check(
+        all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in s.eval_full_rounds),
+        "server.eval_full_rounds",
+        f"must be round numbers >= 1, got {list(s.eval_full_rounds)}",
+    )
     _check(s.round_timeout > 0, "server.round_timeout", "must be > 0")
     _check(c.num_clients >= 1, "clients.num_clients", f"must be >= 1, got {c.num_clients}")
     _check(

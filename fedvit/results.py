@@ -4,9 +4,10 @@ Files (schema in ``docs/results.md``):
 
 * ``config.yaml``: the resolved configuration.
 * ``results.json``: rewritten atomically after every round; ``status`` is ``running`` until
-  the last round, then ``completed``. Per-client metrics of every evaluated round,
-  their summary statistics, the resource counts and the final summary.
-* ``metrics.csv``: one row per evaluated round (summary statistics).
+  the last round, then ``completed``. Per-client metrics of every evaluated round (marked
+  ``full`` or ``sampled``), their summary statistics, the evaluation protocol, the resource
+  counts and the final summary (chosen among full-evaluation rounds).
+* ``metrics.csv``: one row per round (summary statistics; ``eval_mode`` full | sampled).
 * ``clients.csv``: one row per (round, client).
 * ``accuracy.png`` (mean client accuracy per round), ``clients.png`` (per-client accuracy
   distribution at the last evaluated round and over rounds).
@@ -52,6 +53,12 @@ def _key(metric: str) -> str:
     return metric.replace("-", "_")
 
 
+def eval_mode(round_entry: dict[str, Any]) -> str:
+    """``full`` (every client evaluated) or ``sampled`` for an evaluated round of ``results.json``
+    (records written before sampled evaluation existed are full)."""
+    return str(round_entry["eval"].get("mode", "full"))
+
+
 class RunRecorder:
     """Collects what happens in a run and writes it to the run directory."""
 
@@ -66,6 +73,7 @@ class RunRecorder:
             "started_at": datetime.now().isoformat(timespec="seconds"),
             "clients": {},
             "resources": {},
+            "evaluation": {},  # the evaluation protocol (set_evaluation)
             "rounds": [],
             "summary": {},
         }
@@ -83,6 +91,7 @@ class RunRecorder:
             old = json.loads(path.read_text())
             rec.data["rounds"] = [r for r in old.get("rounds", []) if r["round"] <= upto_round]
             rec.data["clients"] = old.get("clients", {})
+            rec.data["evaluation"] = old.get("evaluation", {})
             rec.data["started_at"] = old.get("started_at", rec.data["started_at"])
             rec.data["resumed_at_round"] = upto_round
         return rec
@@ -94,6 +103,11 @@ class RunRecorder:
 
     def set_resources(self, resources: dict[str, Any]) -> None:
         self.data["resources"] = resources
+
+    def set_evaluation(self, protocol: dict[str, Any]) -> None:
+        """The evaluation protocol (``results.json`` ``evaluation``): every client in every evaluated
+        round, or a sampled fraction with the rounds where every client is evaluated."""
+        self.data["evaluation"] = protocol
 
     def _round(self, server_round: int) -> dict[str, Any]:
         rounds = self.data["rounds"]
@@ -118,12 +132,27 @@ class RunRecorder:
         }
 
     def record_eval(
-        self, server_round: int, per_client: dict[int, dict[str, float]], failures: list[str]
+        self,
+        server_round: int,
+        per_client: dict[int, dict[str, float]],
+        failures: list[str],
+        *,
+        sampled: bool = False,
+        clients_asked: int | None = None,
+        clients_total: int | None = None,
     ) -> dict:
+        """Record a round's evaluation. ``sampled``: only ``clients_asked`` of the
+        ``clients_total`` live clients were asked (the statistics are over those that answered);
+        otherwise every client was (``full``)."""
         entry = self._round(server_round)
         weights = {c: m.get("num-test", 0) for c, m in per_client.items()}
         val_weights = {c: m.get("num-val", 0) for c, m in per_client.items()}
+        asked = clients_asked if clients_asked is not None else len(per_client) + len(failures)
         ev: dict[str, Any] = {
+            "mode": "sampled" if sampled else "full",
+            "clients_evaluated": len(per_client),
+            "clients_asked": asked,
+            "clients_total": clients_total if clients_total is not None else asked,
             "per_client": {str(c): per_client[c] for c in sorted(per_client)},
             "failures": failures,
         }
@@ -156,21 +185,27 @@ class RunRecorder:
     # ------------------------------------------------------------------ outputs
 
     def _summary(self) -> dict[str, Any]:
+        """Last and best-validation rounds, both chosen among full-evaluation rounds only: a sampled
+        round's statistics are over a subset of clients and not comparable."""
         evaluated = [r for r in self.data["rounds"] if "eval" in r and r["eval"]["test_acc"].get("n", 0) > 0]
-        if not evaluated:
-            return {"rounds_completed": len(self.data["rounds"])}
+        full = [r for r in evaluated if eval_mode(r) == "full"]
+        counts = {"full_eval_rounds": len(full), "sampled_eval_rounds": len(evaluated) - len(full)}
+        if not full:
+            return {"rounds_completed": len(self.data["rounds"]), **counts}
 
         def pick(r: dict) -> dict:
             return {"round": r["round"], **{_key(m): r["eval"][_key(m)] for m in EVAL_METRICS}}
 
-        last = evaluated[-1]
-        with_val = [r for r in evaluated if r["eval"]["val_acc"].get("n", 0) > 0]
+        last = full[-1]
+        with_val = [r for r in full if r["eval"]["val_acc"].get("n", 0) > 0]
         best = max(with_val, key=lambda r: (r["eval"]["val_acc"]["mean"], r["round"])) if with_val else last
         return {
             "rounds_completed": len(self.data["rounds"]),
+            **counts,
             "last_round": pick(last),
             "best_val_round": pick(best),
-            "selection": "round with the highest unweighted mean validation accuracy (never test)",
+            "selection": "full-evaluation round (every client) with the highest unweighted mean "
+            "validation accuracy (never test; sampled rounds are not candidates)",
         }
 
     def write(self) -> None:
@@ -181,6 +216,7 @@ class RunRecorder:
 
     def _metrics_csv(self) -> str:
         cols = ["round", "elapsed_s", "train_loss_mean", "num_train_clients"]
+        cols += ["eval_mode", "num_eval_clients", "num_eval_clients_total"]  # full | sampled, k, N
         for m in EVAL_METRICS:
             cols += [f"{_key(m)}_{s}" for s in ("mean", "weighted_mean", "std", "q10", "q50", "q90")]
         buf = io.StringIO()
@@ -192,6 +228,9 @@ class RunRecorder:
                 row["train_loss_mean"] = r["train"]["loss"].get("mean")
                 row["num_train_clients"] = len(r["train"]["clients"])
             if "eval" in r:
+                row["eval_mode"] = eval_mode(r)
+                row["num_eval_clients"] = r["eval"].get("clients_evaluated", len(r["eval"]["per_client"]))
+                row["num_eval_clients_total"] = r["eval"].get("clients_total")
                 for m in EVAL_METRICS:
                     for s in ("mean", "weighted_mean", "std", "q10", "q50", "q90"):
                         row[f"{_key(m)}_{s}"] = r["eval"][_key(m)].get(s)

@@ -12,9 +12,11 @@ What crosses the wire each round:
 * The server checks each reply against the shared split (names, shapes, finite values;
   bad replies are rejected and logged), then :meth:`aggregate_shared` (sample-weighted
   mean by default) produces the new shared parameters.
-* ``evaluate`` (every ``eval-every`` rounds and after the last): **every** known client
-  gets the aggregated shared parameters, combines them with its private ones and reports
-  its personalized model's test and validation metrics; per-client numbers are kept.
+* ``evaluate`` (every ``eval-every`` rounds, in ``server.eval_full_rounds`` and after the last):
+  **every** known client (by default; with ``server.eval_fraction < 1`` a seeded sample of them,
+  except in the last round and the ``eval_full_rounds``) gets the aggregated shared parameters,
+  combines them with its private ones and reports its personalized model's test and validation
+  metrics; per-client numbers are kept, and each round is marked ``full`` or ``sampled``.
 
 After each round the strategy checkpoints (shared arrays, its own state, the round) so a
 run can resume; subclasses with more server state extend :meth:`state_dict` /
@@ -97,6 +99,9 @@ class PersonalizedStrategy(FedAvg):
         min_train_clients: int = 1,
         min_available_clients: int | None = None,
         eval_every: int = 1,
+        eval_fraction: float = 1.0,
+        eval_min_clients: int = 1,
+        eval_full_rounds: Iterable[int] = (),
         seed: int = 0,
         run_name: str = "run",
         recorder: RunRecorder | None = None,
@@ -114,6 +119,13 @@ class PersonalizedStrategy(FedAvg):
         self.shared_shapes = {k: tuple(v) for k, v in shared_shapes.items()}
         self.num_clients = num_clients
         self.eval_every = eval_every
+        if not 0 < eval_fraction <= 1:
+            raise ValueError(f"eval_fraction must be in (0, 1], got {eval_fraction}")
+        self.eval_fraction = float(eval_fraction)
+        self.eval_min_clients = max(1, int(eval_min_clients))
+        self.eval_full_rounds = frozenset(int(r) for r in eval_full_rounds)
+        # the evaluation being configured: (round, sampled?, clients asked, live clients)
+        self._eval_plan: tuple[int, bool, int, int] | None = None
         self.seed = seed
         self.run_name = run_name
         # Unique per run (kept on resume): clients key their default state directory by it, so a
@@ -138,19 +150,25 @@ class PersonalizedStrategy(FedAvg):
         :func:`fedvit.registry.method_options`) and receive it as ``options=``."""
         if getattr(cls, "Options", None) is not None:
             kwargs.setdefault("options", method_options(cfg)[1])
-        return cls(
+        strategy = cls(
             shared_shapes=split.shapes(model, "shared"),
             num_clients=cfg.clients.num_clients,
             fraction_train=cfg.server.fraction_train,
             min_train_clients=cfg.server.min_train_clients,
             min_available_clients=cfg.server.min_available_clients,
             eval_every=cfg.server.eval_every,
+            eval_fraction=cfg.server.eval_fraction,
+            eval_min_clients=cfg.server.eval_min_clients,
+            eval_full_rounds=cfg.server.eval_full_rounds,
             seed=cfg.seed,
             run_name=run_name,
             recorder=recorder,
             checkpoint_dir=run_dir / "checkpoint" if cfg.server.checkpoint else None,
             **kwargs,
         )
+        if recorder is not None:
+            recorder.set_evaluation(strategy.evaluation_protocol())
+        return strategy
 
     def summary(self) -> None:
         log(
@@ -390,15 +408,64 @@ class PersonalizedStrategy(FedAvg):
         )
 
     def should_evaluate(self, server_round: int) -> bool:
-        return server_round % self.eval_every == 0 or server_round == self.num_rounds
+        """Evaluated rounds: every ``eval_every``-th, the listed ``eval_full_rounds`` and the last."""
+        return (
+            server_round % self.eval_every == 0
+            or server_round == self.num_rounds
+            or server_round in self.eval_full_rounds
+        )
+
+    def is_full_evaluation(self, server_round: int) -> bool:
+        """Whether every client is asked in ``server_round``: always by default (``eval_fraction``
+        1); with a sampled evaluation, in the last round and the ``eval_full_rounds``."""
+        return (
+            self.eval_fraction >= 1
+            or server_round == self.num_rounds
+            or server_round in self.eval_full_rounds
+        )
+
+    def evaluation_sample(self, server_round: int, nodes: list[int]) -> list[int]:
+        """The live ``nodes`` asked to evaluate in ``server_round``: all of them in a full
+        evaluation, else ``round(eval_fraction * len(nodes))`` of them (at least
+        ``eval_min_clients``), drawn with a generator seeded by the run's seed and the round only:
+        independent of the training sample, the same clients for every method with that seed."""
+        if self.is_full_evaluation(server_round):
+            return list(nodes)
+        size = min(len(nodes), max(self.eval_min_clients, round(self.eval_fraction * len(nodes))))
+        rng = random.Random(f"fedvit-eval/{self.seed}/{server_round}")
+        by_client = sorted(nodes, key=self.node_to_client.__getitem__)
+        return sorted(rng.sample(by_client, size), key=self.node_to_client.__getitem__)
+
+    def evaluation_protocol(self) -> dict[str, Any]:
+        """What ``results.json`` ``evaluation`` states about the protocol."""
+        sampled = self.eval_fraction < 1
+        return {
+            "mode": "sampled" if sampled else "full",
+            "description": (
+                f"a seeded sample of {100 * self.eval_fraction:g}% of the clients (at least "
+                f"{self.eval_min_clients}) per evaluated round; every client in the last round and in "
+                "full_rounds"
+                if sampled
+                else "every client in every evaluated round"
+            ),
+            "eval_every": self.eval_every,
+            "fraction": self.eval_fraction,
+            "min_clients": self.eval_min_clients,
+            "full_rounds": sorted(self.eval_full_rounds),
+            "last_round_full": True,
+        }
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._eval_plan = None
         if not self.should_evaluate(server_round):
             return []
+        live = self._live_nodes(grid)
+        nodes = self.evaluation_sample(server_round, live)
+        self._eval_plan = (server_round, len(nodes) < len(live), len(nodes), len(live))
         messages = []
-        for node in self._live_nodes(grid):
+        for node in nodes:
             cid = self.node_to_client[node]
             content = RecordDict(
                 {
@@ -407,6 +474,8 @@ class PersonalizedStrategy(FedAvg):
                 }
             )
             messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+        if len(nodes) < len(live):
+            log(INFO, "configure_evaluate: %d of %d clients (sampled)", len(nodes), len(live))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -418,7 +487,12 @@ class PersonalizedStrategy(FedAvg):
             per_client[cid] = self.client_eval_metrics(cid, metrics)
         if not per_client or self.recorder is None:
             return None
-        ev = self.recorder.record_eval(server_round, per_client, failures)
+        plan = self._eval_plan if self._eval_plan is not None and self._eval_plan[0] == server_round else None
+        sampled, asked, total = (plan[1], plan[2], plan[3]) if plan is not None else (False, None, None)
+        self.recorder.set_evaluation(self.evaluation_protocol())  # the current one, also after a resume
+        ev = self.recorder.record_eval(
+            server_round, per_client, failures, sampled=sampled, clients_asked=asked, clients_total=total
+        )
         t = ev["test_acc"]
         return MetricRecord(
             {
@@ -427,6 +501,8 @@ class PersonalizedStrategy(FedAvg):
                 "test-acc-std": t.get("std", float("nan")),
                 "val-acc-mean": ev["val_acc"].get("mean", float("nan")),
                 "num-clients": len(per_client),
+                "num-clients-total": int(ev["clients_total"]),
+                "sampled": int(sampled),
             }
         )
 
@@ -548,4 +624,6 @@ class PersonalizedStrategy(FedAvg):
                 f"test acc {ev['test-acc-mean']:.4f} ± {ev['test-acc-std']:.4f} "
                 f"(weighted {ev['test-acc-weighted']:.4f}), val acc {ev['val-acc-mean']:.4f}"
             )
+            if "sampled" in ev and int(ev["sampled"]):
+                parts[-1] += f" (sampled {int(ev['num-clients'])}/{int(ev['num-clients-total'])})"
         log(INFO, "[fedvit] %s", " | ".join(parts))
