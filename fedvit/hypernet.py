@@ -15,10 +15,12 @@ Both heads start with their bias at the model's initial weights and a small rand
 (``init_gain``), so every client starts near the same seeded initialization the other methods
 start from.
 
-:meth:`WeightHypernet.step` is the pFedHN rule: with ``Δ_i = W_i(sent) − W_i(returned)`` (the
+:func:`hypernet_step` is the pFedHN rule: with ``Δ_i = W_i(sent) − W_i(returned)`` (the
 client's local change, reversed: ≈ lr·∇L_i), the gradient for the hypernetwork parameters and
 client i's embedding is the vector–Jacobian product ``(∂W_i/∂φ)ᵀ Δ_i``, summed over clients with
-their weights; an SGD step (momentum, weight decay) descends along it.
+their weights; an SGD step (momentum, weight decay) descends along it. The Jacobian is taken at
+client i's own embedding, so W_i(sent) must have been generated there too
+(:meth:`WeightHypernet.generate` without ``mean_of``), also for a client's first update.
 """
 
 from __future__ import annotations
@@ -127,17 +129,24 @@ class WeightHypernet(nn.Module):
         h = self.mlp(embedding)
         return {name: head(h) for name, head in zip(self.names, self.heads, strict=True)}
 
-    def embedding_of(self, client_id: int, trained: Sequence[int] = ()) -> torch.Tensor:
-        """Client ``client_id``'s embedding; a client that never trained (not in ``trained``)
-        gets the mean embedding of the clients that did (its own untrained one if none did)."""
-        if trained and client_id not in trained:
-            return self.embeddings.weight[list(trained)].mean(0).detach()
+    def embedding_of(self, client_id: int) -> torch.Tensor:
+        """Client ``client_id``'s own embedding: the point its weights are generated at for
+        training and the point :func:`hypernet_step` differentiates at."""
         return self.embeddings(torch.tensor(client_id))
 
-    def generate(self, client_id: int, trained: Sequence[int] = ()) -> dict[str, np.ndarray]:
-        """The weights for ``client_id`` as float32 numpy arrays."""
+    def mean_embedding(self, clients: Sequence[int]) -> torch.Tensor:
+        """The mean embedding of ``clients`` (detached): an evaluation stand-in for a client
+        whose own embedding was never trained, never a training point."""
+        if not clients:
+            raise ValueError("the mean embedding of no clients is undefined")
+        return self.embeddings.weight[list(clients)].mean(0).detach()
+
+    def generate(self, client_id: int, mean_of: Sequence[int] = ()) -> dict[str, np.ndarray]:
+        """The weights for ``client_id`` from its own embedding, as float32 numpy arrays; with
+        ``mean_of`` (evaluation only) from the mean embedding of those clients instead."""
+        embedding = self.mean_embedding(mean_of) if mean_of else self.embedding_of(client_id)
         with torch.no_grad():
-            out = self(self.embedding_of(client_id, trained))
+            out = self(embedding)
         return {k: v.numpy().astype(np.float32) for k, v in out.items()}
 
 
@@ -183,7 +192,7 @@ def hypernet_step(
     Gradient = Σ_i weight_i · (∂W_i/∂φ)ᵀ Δ_i for the MLP, the heads and client i's embedding."""
     hnet.zero_grad(set_to_none=True)
     for client_id, weight, delta in changes:
-        generated = hnet(hnet.embeddings(torch.tensor(client_id)))
+        generated = hnet(hnet.embedding_of(client_id))  # the point W_i was generated at for training
         outputs = [generated[k] for k in hnet.names]
         grads = [weight * torch.as_tensor(np.asarray(delta[k]), dtype=torch.float32) for k in hnet.names]
         torch.autograd.backward(outputs, grad_tensors=grads)

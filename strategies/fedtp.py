@@ -5,21 +5,28 @@ What crosses the wire, per sampled client i and round:
 
 * ``train`` to client i: ``arrays`` = the FedAvg'd shared parameters **plus** W_i, the
   generated tensors of the ``generated`` groups (default ``attn.qkv``: every block's Q/K/V
-  projection weight and bias), made by the hypernetwork from client i's embedding. Clients
-  in the same round receive identical shared parameters and different W_i.
+  projection weight and bias), made by the hypernetwork from client i's **own** embedding,
+  also the first time client i trains (as the authors do): the hypernetwork step below
+  differentiates at that embedding, so W_i must have been generated there. Clients in the
+  same round receive identical shared parameters and different W_i.
 * The reply: the shared parameters and W_i after local training (the client trains all of
   its parameters; it is the ordinary ``partial`` client, for which W_i is simply part of what
-  it receives and returns). Private groups (``fedtp-per``: the head) never leave the client.
+  it receives and returns). Private groups (``fedtp-per``: the classifier) never leave the client.
 * Server: the shared part is the sample-weighted mean of the replies **without** the
   generated keys (Q/K/V are never averaged); the hypernetwork takes one pFedHN step from
   ``Δ_i = W_i(sent) − W_i(returned)``, clients weighted by their training examples
   (:func:`fedvit.hypernet.hypernet_step`).
-* ``evaluate`` to every client: the shared parameters plus its generated W_i. A client that
-  never trained gets the mean embedding of those that did.
+* ``evaluate`` to every client: the shared parameters plus its generated W_i. A client whose
+  update never reached the hypernetwork has an untrained embedding; with ``unseen_embedding``
+  ``mean`` (default) it is evaluated with the mean embedding of the clients that trained (an
+  evaluation choice only, never used for training), with ``own`` with its own. Each client's
+  evaluation metrics in ``results.json`` carry ``mean-embedding`` (1: evaluated with the mean
+  embedding, 0: with its own).
 
 Options (``method.options``): ``generated`` (groups, default ``[attn.qkv]``), ``embed_dim``
 128, ``hidden`` 150, ``n_hidden`` 3, ``head`` full | basis (``basis_size`` 8), ``init_gain``
-0.1, and the hypernetwork's SGD: ``hn_lr`` 0.01, ``hn_momentum`` 0.9, ``hn_weight_decay`` 1e-3.
+0.1, the hypernetwork's SGD: ``hn_lr`` 0.01, ``hn_momentum`` 0.9, ``hn_weight_decay`` 1e-3, and
+``unseen_embedding`` mean | own (evaluation of never-trained clients, above).
 The hypernetwork, its optimizer state and the set of trained clients are checkpointed.
 """
 
@@ -40,6 +47,8 @@ from fedvit.hypernet import HEAD_KINDS, HypernetConfig, HypernetSGD, WeightHyper
 from fedvit.params import UpdateError, check_arrays, count, get_arrays, parameter_groups
 from fedvit.registry import method_options, option_error, register_strategy
 from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record, weighted_mean
+
+UNSEEN_EMBEDDINGS = ("mean", "own")
 
 
 def generated_keys(model, private: list[str], groups: list[str]) -> list[str]:
@@ -75,6 +84,7 @@ class FedTPStrategy(PersonalizedStrategy):
         hn_lr: float = 0.01
         hn_momentum: float = 0.9
         hn_weight_decay: float = 1e-3
+        unseen_embedding: str = "mean"  # mean | own: evaluating a client that never trained
 
         def __post_init__(self) -> None:
             for key in ("embed_dim", "hidden", "basis_size"):
@@ -90,6 +100,10 @@ class FedTPStrategy(PersonalizedStrategy):
                 raise option_error("hn_momentum", f"must be in [0, 1), got {self.hn_momentum}")
             if self.hn_weight_decay < 0 or self.init_gain < 0:
                 raise option_error("hn_weight_decay", "hn_weight_decay and init_gain must be >= 0")
+            if self.unseen_embedding not in UNSEEN_EMBEDDINGS:
+                raise option_error(
+                    "unseen_embedding", f"must be one of {UNSEEN_EMBEDDINGS}, got '{self.unseen_embedding}'"
+                )
 
     @classmethod
     def from_config(cls, cfg, *, model, split, **kwargs: Any):
@@ -112,6 +126,8 @@ class FedTPStrategy(PersonalizedStrategy):
         self.optimizer = HypernetSGD(self.hnet, o.hn_lr, o.hn_momentum, o.hn_weight_decay)
         self.trained: list[int] = []  # clients whose update reached the hypernetwork
         self.sent: dict[int, dict[str, np.ndarray]] = {}  # this round's W_i, for Δ_i
+        self.eval_from_mean: dict[int, bool] = {}  # this evaluation: client -> mean embedding used?
+        self._training = False  # set while a train message is built
 
     def server_resources(self) -> dict[str, float]:
         return {
@@ -132,10 +148,24 @@ class FedTPStrategy(PersonalizedStrategy):
 
     # ------------------------------------------------------------------ per-client messages
 
-    def generate(self, client_id: int) -> dict[str, np.ndarray]:
+    def _check_client(self, client_id: int) -> None:
         if not 0 <= client_id < self.num_clients:
             raise ValueError(f"client {client_id} has no embedding (clients.num_clients={self.num_clients})")
-        return self.hnet.generate(client_id, self.trained)
+
+    def generate(self, client_id: int) -> dict[str, np.ndarray]:
+        """W_i from client ``client_id``'s own embedding: what it trains from."""
+        self._check_client(client_id)
+        return self.hnet.generate(client_id)
+
+    def generate_for_evaluation(self, client_id: int) -> tuple[dict[str, np.ndarray], bool]:
+        """W_i to evaluate client ``client_id`` with, and whether it came from the mean
+        embedding of the trained clients (``unseen_embedding: mean`` and the client never trained
+        while others did)."""
+        self._check_client(client_id)
+        from_mean = (
+            self.options.unseen_embedding == "mean" and bool(self.trained) and client_id not in self.trained
+        )
+        return self.hnet.generate(client_id, self.trained if from_mean else ()), from_mean
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -143,11 +173,37 @@ class FedTPStrategy(PersonalizedStrategy):
         self.sent = {}  # only this round's training messages count for Δ_i
         return super().configure_train(server_round, arrays, config, grid)
 
+    def train_message(
+        self, server_round: int, node: int, arrays: ArrayRecord, config: ConfigRecord
+    ) -> Message:
+        """The base message, built with :meth:`client_arrays` in training mode."""
+        self._training = True
+        try:
+            return super().train_message(server_round, node, arrays, config)
+        finally:
+            self._training = False
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.eval_from_mean = {}
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
     def client_arrays(self, server_round: int, client_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The shared parameters plus W_i: from the client's own embedding in a training
+        message (remembered for Δ_i), per :meth:`generate_for_evaluation` otherwise."""
         shared = {k: v for k, v in to_numpy(arrays).items() if k in self.shared_shapes}
-        generated = self.generate(client_id)
-        self.sent[client_id] = generated
+        if self._training:
+            generated = self.generate(client_id)
+            self.sent[client_id] = generated
+        else:
+            generated, self.eval_from_mean[client_id] = self.generate_for_evaluation(client_id)
         return to_record({**shared, **generated})
+
+    def client_eval_metrics(self, client_id: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Adds ``mean-embedding``: 1 if the client was evaluated with the mean embedding of the
+        trained clients (it never trained), 0 if with its own."""
+        return {**metrics, "mean-embedding": float(self.eval_from_mean.get(client_id, False))}
 
     def expected_shapes(self, update: ClientUpdate) -> dict[str, tuple[int, ...]]:
         return {**self.shared_shapes, **self.generated_shapes}

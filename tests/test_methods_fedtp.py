@@ -1,6 +1,7 @@
 """FedTP: a server hypernetwork generates each client's Q/K/V; the rest is FedAvg. The
-hypernetwork update (sign, weights), the per-client messages, the never-averaged Q/K/V,
-checkpoints, and the sizes of the full and factored output heads."""
+hypernetwork update (sign, weights, and the point it is taken at), the per-client messages
+(training always from the client's own embedding, also under partial participation), the
+never-averaged Q/K/V, checkpoints, and the sizes of the full and factored output heads."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import strategies.fedtp
 from fedvit.config import ConfigError, load_config
 from fedvit.hypernet import (
     HypernetConfig,
@@ -66,7 +68,9 @@ def test_clients_receive_their_own_qkv_and_the_same_everything_else(
 def test_qkv_are_never_averaged_and_evaluation_uses_each_clients_generated_qkv(
     tmp_path: Path, received, train_replies
 ) -> None:
-    fedhelpers.federate(run_config(tmp_path, rounds=1))
+    # No hypernetwork weight decay: its step is then the weighted VJP alone (the sign check below).
+    fedhelpers.federate(run_config(tmp_path, rounds=1, extra="method.options.hn_weight_decay=0"))
+    sent = {cid: a for kind, cid, a in received if kind == "train"}
     returned = {cid: {k: v.numpy() for k, v in r.content["arrays"].items()} for cid, r in train_replies}
     evaluated = {cid: a for kind, cid, a in received if kind == "evaluate"}
     sizes = {cid: r.content["metrics"]["num-examples"] for cid, r in train_replies}
@@ -79,12 +83,93 @@ def test_qkv_are_never_averaged_and_evaluation_uses_each_clients_generated_qkv(
         else:  # the shared part is the sample-weighted mean, identical for everyone
             np.testing.assert_allclose(evaluated[0][key], mean, rtol=1e-5, atol=1e-6)
             assert np.array_equal(evaluated[0][key], evaluated[1][key])
+    # Evaluation uses the hypernetwork *after* its step: every client's Q/K/V moved from what it
+    # trained from, and towards what the clients returned, in the weighted sum over clients (to
+    # first order it is hn_lr·|Σ_i w_i J_iᵀΔ_i|² > 0; a single client may move away, pulled by others).
+    toward = 0.0
+    for c in sent:
+        for key in QKV:
+            assert not np.array_equal(evaluated[c][key], sent[c][key]), (c, key)
+            moved = evaluated[c][key].astype(np.float64) - sent[c][key]
+            toward += sizes[c] / total * float((moved * (returned[c][key] - sent[c][key])).sum())
+    assert toward > 0, toward
 
 
-def test_fedtp_per_keeps_the_head_at_home_and_fedtp_vanilla_keeps_qkv(tmp_path: Path, train_replies) -> None:
+def test_with_partial_participation_a_client_trains_from_its_own_embedding_where_the_step_is_taken(
+    tmp_path: Path, received, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some of three clients per round (fraction-train < 1): every training message, also a
+    client's first one after others trained, carries W generated from the client's own embedding,
+    the hypernetwork step differentiates at exactly that W, and results.json says which clients
+    were evaluated with the mean embedding. The rounds' samples are scripted (the seeded sampler is
+    not under test, and with 3 clients it may pick the same one for several rounds)."""
+    schedule = {1: [0], 2: [1], 3: [0, 2], 4: [1]}  # 1 and 2 first train after others did
+
+    def scripted(self: FedTPStrategy, server_round: int, grid) -> list[int]:
+        node_of = {cid: node for node, cid in self.node_to_client.items()}
+        return [node_of[cid] for cid in schedule[server_round]]
+
+    steps: list[dict] = []
+    real_step = strategies.fedtp.hypernet_step
+
+    def spy(hnet: WeightHypernet, optimizer: HypernetSGD, changes) -> None:
+        own = {cid: hnet.generate(cid) for cid, _, _ in changes}
+        at_step: list[dict[str, np.ndarray]] = []
+        hook = hnet.register_forward_hook(
+            lambda module, args, out: at_step.append({k: v.detach().numpy().copy() for k, v in out.items()})
+        )
+        try:
+            real_step(hnet, optimizer, changes)
+        finally:
+            hook.remove()
+        clients = [cid for cid, _, _ in changes]
+        steps.append({"own": own, "at_step": dict(zip(clients, at_step, strict=True)), "seen": len(received)})
+
+    monkeypatch.setattr(FedTPStrategy, "sample_nodes", scripted)
+    monkeypatch.setattr(strategies.fedtp, "hypernet_step", spy)
+    _, results, _ = fedhelpers.federate(run_config(tmp_path, rounds=4, **{"fraction-train": 0.34}))
+    assert len(steps) == 4
+
+    trained: set[int] = set()
+    start = 0
+    for rnd, step in enumerate(steps, start=1):
+        messages = {cid: a for kind, cid, a in received[start : step["seen"]] if kind == "train"}
+        start = step["seen"]
+        assert sorted(messages) == sorted(step["at_step"]) == schedule[rnd]
+        for cid, arrays in messages.items():
+            for key in QKV:
+                np.testing.assert_allclose(arrays[key], step["own"][cid][key], rtol=1e-6, atol=1e-7)
+                np.testing.assert_allclose(arrays[key], step["at_step"][cid][key], rtol=1e-6, atol=1e-7)
+        trained |= set(messages)
+        evaluated = results["rounds"][rnd - 1]["eval"]["per_client"]
+        flags = {int(c): m["mean-embedding"] for c, m in evaluated.items()}
+        assert flags == {c: float(c not in trained) for c in range(3)}, (rnd, trained)
+
+
+def test_unseen_embedding_own_evaluates_a_never_trained_client_with_its_own_embedding(tmp_path: Path) -> None:
+    mean = strategy_for(tmp_path)
+    own = strategy_for(tmp_path, extra="method.options.unseen_embedding=own")
+    for s in (mean, own):
+        s.trained = [0, 1]
+    w_mean, from_mean = mean.generate_for_evaluation(2)
+    w_own, not_from_mean = own.generate_for_evaluation(2)
+    assert from_mean and not not_from_mean
+    for k in QKV:
+        np.testing.assert_array_equal(w_own[k], own.generate(2)[k])
+        assert not np.array_equal(w_mean[k], w_own[k])
+    assert mean.generate_for_evaluation(1)[1] is False  # a trained client: always its own
+    with pytest.raises(ConfigError, match=r"method\.options\.unseen_embedding"):
+        load_config(run_config(tmp_path, extra="method.options.unseen_embedding=random"))
+
+
+def test_fedtp_per_keeps_the_classifier_at_home_and_fedtp_vanilla_keeps_qkv(
+    tmp_path: Path, train_replies
+) -> None:
+    """FedTP-Per, as the authors: only the linear classifier is private; the pre-head norm is shared."""
     fedhelpers.federate(run_config(tmp_path, "fedtp-per"))
     sent = set(train_replies[0][1].content["arrays"].keys())
-    assert "head.weight" not in sent and set(QKV) <= sent
+    assert {"head.weight", "head.bias"}.isdisjoint(sent) and set(QKV) <= sent
+    assert {"norm.weight", "norm.bias"} <= sent
     vanilla = load_config(fedhelpers.run_config(tmp_path, "fedtp-vanilla", TINY_MODEL))
     model = build_model(vanilla)
     split = ParameterSplit.from_model(model, vanilla.method.private)
@@ -152,6 +237,25 @@ def test_the_gradient_is_the_weighted_vector_jacobian_product() -> None:
     assert not torch.equal(hnet.embeddings.weight[1], w0["embeddings.weight"][1])
 
 
+def test_the_strategys_step_moves_a_clients_generated_qkv_toward_what_it_returned(tmp_path: Path) -> None:
+    """Δ = sent − returned where the strategy computes it: after one round the client's newly
+    generated Q/K/V are closer to what it returned than what it was sent (a flipped Δ moves them away)."""
+    s = strategy_for(tmp_path)
+    rng = np.random.default_rng(0)
+    sent = s.generate(1)
+    s.sent = {1: sent}
+    returned = {k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in sent.items()}
+    shared = {k: np.zeros(sh, np.float32) for k, sh in s.shared_shapes.items()}
+    update = ClientUpdate(1, 10, {**shared, **returned}, 5)
+    s.check_update(update)
+    s.aggregate_shared(1, [update], to_record(shared))
+    after = s.generate(1)
+    moved = sum(float(((after[k] - sent[k]) * (returned[k] - sent[k])).sum()) for k in sent)
+    gap_before = sum(float(((returned[k] - sent[k]) ** 2).sum()) for k in sent)
+    gap_after = sum(float(((returned[k] - after[k]) ** 2).sum()) for k in sent)
+    assert moved > 0 and gap_after < gap_before, (moved, gap_before, gap_after)
+
+
 def test_strategy_checkpoint_round_trip_keeps_momentum(tmp_path: Path) -> None:
     a = strategy_for(tmp_path)
     sent = a.generate(0)
@@ -175,12 +279,19 @@ def test_strategy_checkpoint_round_trip_keeps_momentum(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- config and sizes
 
 
-def test_a_client_that_never_trained_gets_the_mean_embedding() -> None:
+def test_generation_uses_the_own_embedding_unless_asked_for_the_mean_of_others() -> None:
     init, _ = quadratic_clients()
     hnet = WeightHypernet(4, init, HypernetConfig(embed_dim=3, hidden=5))
     mean = hnet.embeddings.weight[[0, 2]].mean(0)
-    torch.testing.assert_close(hnet.embedding_of(3, trained=[0, 2]), mean)
-    torch.testing.assert_close(hnet.embedding_of(2, trained=[0, 2]), hnet.embeddings.weight[2])
+    torch.testing.assert_close(hnet.mean_embedding([0, 2]), mean)
+    torch.testing.assert_close(hnet.embedding_of(3), hnet.embeddings.weight[3])
+    with torch.no_grad():
+        from_mean = hnet(mean)["w"].numpy()
+        from_own = hnet(hnet.embeddings.weight[3])["w"].numpy()
+    np.testing.assert_allclose(hnet.generate(3, mean_of=[0, 2])["w"], from_mean, rtol=1e-6)
+    np.testing.assert_allclose(hnet.generate(3)["w"], from_own, rtol=1e-6)
+    with pytest.raises(ValueError, match="no clients"):
+        hnet.mean_embedding([])
 
 
 def test_generated_groups_must_exist_and_not_be_private(tmp_path: Path) -> None:
