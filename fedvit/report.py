@@ -5,6 +5,9 @@ mean) at the chosen round, and the resources, each also relative to FedAvg on th
 (FedAvg's model is the plain model: ``params_model`` and its FLOPs) like the FedPerfix paper's
 Table 2: storage (parameters a client holds), computation (forward FLOPs per sample),
 communication (parameters sent up per round).
+
+Over seeds (``fedvit sweep``): :func:`over_seeds` turns the results of one configuration's runs
+(one per seed) into mean ± std over seeds, :func:`seeds_markdown` prints such rows.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +118,71 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
         w.writeheader()
         w.writerows(rows)
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- over seeds
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """(mean, sample std) of ``values``; the std needs two values, the mean one."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def over_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One configuration's completed runs (one per seed, their ``results.json``) -> mean ± std
+    over seeds of the clients' mean test accuracy at the last round (``last_*``) and at the
+    best-validation round (``best_*``), and the mean over seeds of the std over clients at the
+    last round (``client_std_mean``). Accuracies are fractions."""
+    last, best, spread = [], [], []
+    for r in results:
+        summary = r.get("summary") or {}
+        acc = (summary.get("last_round") or {}).get("test_acc") or {}
+        if acc.get("mean") is None:
+            continue
+        last.append(float(acc["mean"]))
+        if acc.get("std") is not None:
+            spread.append(float(acc["std"]))
+        picked = ((summary.get("best_val_round") or {}).get("test_acc") or {}).get("mean")
+        if picked is not None:
+            best.append(float(picked))
+    last_mean, last_std = mean_std(last)
+    best_mean, best_std = mean_std(best)
+    return {
+        "seeds_done": len(last),
+        "last_mean": last_mean,
+        "last_std": last_std,
+        "best_mean": best_mean,
+        "best_std": best_std,
+        "client_std_mean": mean_std(spread)[0],
+    }
+
+
+def pm(mean: float | None, std: float | None) -> str:
+    """``mean ± std`` in % (``mean`` alone without a std; ``–`` without a mean)."""
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * mean:.2f}"
+
+
+def seeds_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """Rows of :func:`over_seeds` (plus ``seeds_total``) as Markdown, led by ``columns``
+    ((row key, title) pairs: the values that tell the rows apart)."""
+    titles = [t for _, t in columns] + [
+        "last round acc. % (mean ± std over seeds)",
+        "best-val round acc. %",
+        "std over clients %",
+        "seeds",
+    ]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for r in rows:
+        spread = r.get("client_std_mean")
+        cells = [str(r.get(k, "")) for k, _ in columns] + [
+            pm(r["last_mean"], r["last_std"]),
+            pm(r["best_mean"], r["best_std"]),
+            "–" if spread is None else f"{100 * spread:.2f}",
+            f"{r['seeds_done']}/{r.get('seeds_total', r['seeds_done'])}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
