@@ -198,7 +198,13 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "(storage, computation, communication; absolute and relative to FedAvg on the same dataset) "
         "of each run directory, as Markdown (and CSV with --csv).",
     )
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="outputs/<run-name> directories")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="outputs/<run-name> directories, or one sweep directory (its table over seeds)",
+    )
     p.add_argument(
         "--select",
         choices=("last", "best-val"),
@@ -212,6 +218,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from fedvit.report import ReportError, collect, to_csv, to_markdown
 
+    if len(args.run_dirs) == 1 and (args.run_dirs[0] / "sweep.json").is_file():
+        from fedvit.sweep import report_sweep
+
+        rows, text = report_sweep(args.run_dirs[0])  # a sweep: mean ± std over seeds
+        print(text, end="")
+        if args.csv:
+            args.csv.write_text(to_csv(rows))
+        return 0
     try:
         rows = collect(args.run_dirs, select=args.select)
     except ReportError as err:
@@ -271,6 +285,66 @@ def _cmd_study(args: argparse.Namespace) -> int:
     )
     print(to_markdown(outcome.rows), end="", flush=True)
     print(f"study: {outcome.study_dir / 'study.md'}", flush=True)
+    if outcome.failed:
+        _err(f"error: {len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}")
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="a grid of run-config values × seeds, one run directory each, one table over seeds",
+        description="Run every combination of a sweep spec (YAML: base, grid, runs, seeds, engine, out; "
+        "or the same from the command line, which wins over the file) in its own directory named from "
+        "its values; skip completed runs, continue interrupted ones from their checkpoint; a failed run "
+        "does not stop the others (exit 1 at the end). Writes sweep.json after every run, then "
+        "sweep.md / sweep.csv: mean ± std over seeds of the clients' mean test accuracy. "
+        "See docs/configuration.md, 'Sweeps'.",
+    )
+    p.add_argument("spec", nargs="?", type=Path, metavar="SPEC.yaml", help="the sweep spec (optional)")
+    _add_run_config_arg(p)  # the base values
+    p.add_argument(
+        "--grid",
+        action="append",
+        metavar="KEY=V1,V2,...",
+        help="one grid key and its values, e.g. \"method=fedavg,fedper\" or "
+        "\"method.private=[attn],[head]\"; repeatable; run-config keys or dotted config keys",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", metavar="N", help="run every combination once per seed")
+    p.add_argument(
+        "--engine", choices=("simulation", "inprocess"), help="default: the spec's, else simulation"
+    )
+    p.add_argument("--out", type=Path, metavar="DIR", help="the sweep directory (default: the spec's out)")
+    p.add_argument("--dry-run", action="store_true", help="check every run's config and list the runs only")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fedvit.sweep import out_dir_of, plan, run_sweep, spec_from_args
+
+    spec = spec_from_args(
+        args.spec,
+        base=_run_config(args) if args.run_config else None,
+        grid=args.grid,
+        seeds=args.seeds,
+        engine=args.engine,
+        out=args.out,
+    )
+    if args.dry_run:
+        from fedvit.sweep import check
+
+        out = out_dir_of(spec)
+        check(spec)
+        for r in plan(spec):
+            print(out / r.name, flush=True)
+        return 0
+    outcome = run_sweep(spec, progress=_err)
+    print(outcome.markdown, end="", flush=True)
+    print(f"sweep: {outcome.out_dir / 'sweep.md'}", flush=True)
     if outcome.failed:
         _err(f"error: {len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}")
         return 1
@@ -432,6 +506,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench,
     _add_pretrain,
     _add_export,
+    _add_sweep,
 ]
 
 
