@@ -7,11 +7,14 @@ two are the same run), plus everything private ("all-local") and nothing private
 ("all-global"). 13 runs, all of them FedAvg's ``partial`` client and ``personalized`` strategy
 with ``method.private`` overridden.
 
-Every run writes its normal run directory ``<study dir>/wtp-<layer>-<kind>/``; the study dir
-also gets ``study.md`` and ``study.csv``: per layer type the mean ± std over clients of client
-top-1 test accuracy at the last round (unweighted), for stand-alone and combined, and
-"overall" = the mean of the two means. ``resume`` skips runs whose ``results.json`` says
-``completed`` and continues interrupted ones from their checkpoint.
+The study is one use of :mod:`fedvit.sweep`: its 13 runs are the sweep's explicit ``runs``
+(names ``wtp-<layer>-<kind>``, no grid, no seeds), so every run writes its normal run directory
+``<study dir>/wtp-<layer>-<kind>/`` and the study dir holds the sweep's ``sweep.json`` /
+``sweep.md`` / ``sweep.csv``. On top, the study writes ``study.md`` and ``study.csv``: per layer
+type the mean ± std over clients of client top-1 test accuracy at the last round (unweighted),
+for stand-alone and combined, and "overall" = the mean of the two means. ``resume`` (the
+sweep's rules) skips runs whose ``results.json`` says ``completed`` and continues interrupted
+ones from their checkpoint; without it, a study directory that already holds runs is refused.
 """
 
 from __future__ import annotations
@@ -20,15 +23,15 @@ import csv
 import io
 import json
 import math
-import shutil
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedvit.config import CONF_DIR, ConfigError, FedvitConfig, load_config
+from fedvit.config import ConfigError, FedvitConfig, load_config
+from fedvit.sweep import ENGINES, NamedRun, RunFn, SweepSpec, run_sweep
+from fedvit.sweep import run_config as sweep_run_config
 
 STUDY = "where-to-personalize"
 #: The layer types of the study, in table order (group names of fedvit.params).
@@ -43,7 +46,6 @@ LAYER_TITLES = {
 }
 STANDALONE, COMBINED, ALL_LOCAL, ALL_GLOBAL = "stand-alone", "combined", "all-local", "all-global"
 PREFIX = "wtp"
-ENGINES = ("simulation", "inprocess")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,20 @@ def plan(only: Sequence[str] | None = None) -> list[StudyRun]:
 
 # --------------------------------------------------------------------------- run configs
 
+#: Run-config keys of the base config that the study sets itself.
+_STUDY_SET = ("method", "run-name", "output-dir", "resume")
+
+
+def run_values(run: StudyRun) -> dict[str, Any]:
+    """What a study run sets on top of the base config: FedAvg's client and strategy with the
+    run's private groups (dotted keys: they go through ``overrides``)."""
+    return {
+        "method": "fedavg",
+        "method.private": list(run.private),
+        "method.strategy": "personalized",
+        "method.client": "partial",
+    }
+
 
 def run_config_for(
     base: Mapping[str, Any], run: StudyRun, output_dir: Path, state_dir: str | None = None
@@ -96,26 +112,15 @@ def run_config_for(
     groups, its run name, and the study directory as output directory. ``state_dir``: the base
     config's ``clients.state_dir``, if any; each run gets its own subdirectory of it (the runs
     share method name, model and dataset, so their private states would collide)."""
-    rc = dict(base)
-    for key in ("method", "run-name", "output-dir", "resume"):
-        rc.pop(key, None)
-    private = "[" + ",".join(run.private) + "]"
-    extra = f"method.private={private} method.strategy=personalized method.client=partial"
-    if state_dir:
-        extra += f" clients.state_dir={Path(state_dir) / run.name}"
-    rc["overrides"] = f"{base.get('overrides', '') or ''} {extra}".strip()
-    rc["method"] = "fedavg"
-    rc["run-name"] = run.name
-    rc["output-dir"] = str(output_dir)
-    return rc
+    rest = {k: v for k, v in base.items() if k not in _STUDY_SET}
+    return sweep_run_config(rest, run_values(run), name=run.name, out_dir=output_dir, state_dir=state_dir)
 
 
-def run_status(run_dir: Path) -> str | None:
-    """``status`` of ``run_dir/results.json`` (None: no readable results)."""
-    try:
-        return json.loads((Path(run_dir) / "results.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+def study_spec(base: Mapping[str, Any], study_dir: Path, engine: str) -> SweepSpec:
+    """The study as a sweep: its 13 runs, named, over the base config."""
+    rest = {k: v for k, v in base.items() if k not in _STUDY_SET}
+    runs = [NamedRun(r.name, run_values(r)) for r in plan()]
+    return SweepSpec(base=rest, runs=runs, engine=engine, out=str(study_dir))
 
 
 # --------------------------------------------------------------------------- the table
@@ -208,34 +213,6 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 # --------------------------------------------------------------------------- running
 
-#: ``(run_config, cfg) -> (ok, message)``: runs one federation.
-RunFn = Callable[[dict[str, Any], FedvitConfig], tuple[bool, str]]
-
-
-def run_inprocess(run_config: dict[str, Any], cfg: FedvitConfig) -> tuple[bool, str]:
-    """One federation in this process (InProcessGrid + the ServerApp's ``run``)."""
-    from fedvit.inprocess import InProcessGrid
-    from fedvit.server_app import run
-
-    try:
-        run_dir = run(InProcessGrid(run_config, cfg.clients.num_clients), cfg)
-    except Exception as err:  # one failed run does not stop the study
-        return False, f"{type(err).__name__}: {err}"
-    status = run_status(run_dir)
-    return status == "completed", f"status {status}"
-
-
-def make_simulation_runner(app_dir: Path, quiet: bool = True) -> RunFn:
-    """One federation with ``flwr run`` in Flower's Ray simulation (:func:`fedvit.runner.run_flwr`)."""
-
-    def run_one(run_config: dict[str, Any], cfg: FedvitConfig) -> tuple[bool, str]:
-        from fedvit.runner import describe, run_flwr
-
-        outcome = run_flwr(app_dir, run_config, gpus_per_client=None, stream=not quiet)
-        return outcome.ok, describe(outcome, log_lines=0 if outcome.ok else 10)
-
-    return run_one
-
 
 @dataclass
 class StudyOutcome:
@@ -261,9 +238,10 @@ def run_study(
     app_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> StudyOutcome:
-    """Run the study's federations (skipping completed ones with ``resume``), then write
-    ``study.md`` / ``study.csv`` into the study directory. Config errors raise
-    :class:`ConfigError` before anything runs; failed runs are listed in the outcome."""
+    """Run the study's federations as a sweep (see :func:`fedvit.sweep.run_sweep`; ``only``
+    selects layer types), then write ``study.md`` / ``study.csv`` into the study directory.
+    Config errors raise :class:`ConfigError` before anything runs; failed runs are listed in the
+    outcome. Without ``resume`` a directory that already holds any of the runs is refused."""
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if engine not in ENGINES:
         raise ConfigError(f"--engine must be one of {ENGINES}, got '{engine}'")
@@ -271,48 +249,15 @@ def run_study(
     base_cfg = load_config(base)
     study_dir = Path(output_dir if output_dir is not None else Path(base_cfg.output.dir) / STUDY)
     study_dir = study_dir.expanduser().resolve()
-    runs = plan(only)
-    # Check every configuration before running anything.
-    prepared = []
-    for r in runs:
-        rc = run_config_for(base, r, study_dir, base_cfg.clients.state_dir)
-        prepared.append((r, rc, load_config(rc)))
+    selected = [r.name for r in plan(only)]
+    spec = study_spec(base, study_dir, engine)
     if not resume:
-        existing = [r.name for r in runs if (study_dir / r.name / "results.json").exists()]
+        existing = [n for n in selected if (study_dir / n / "results.json").exists()]
         if existing:
             raise ConfigError(
                 f"{study_dir} already holds run(s) {existing}; use --resume or another --output-dir"
             )
-    if run_fn is None:
-        run_fn = (
-            run_inprocess if engine == "inprocess" else make_simulation_runner(app_dir or CONF_DIR.parent)
-        )
-    ran, skipped, failed = [], [], {}
-    for i, (r, rc, cfg) in enumerate(prepared, 1):
-        run_dir = study_dir / r.name
-        status = run_status(run_dir)
-        if resume and status == "completed":
-            say(f"[study {i}/{len(prepared)}] {r.name}: completed, skipped")
-            skipped.append(r.name)
-            continue
-        if resume and (run_dir / "results.json").exists():
-            if (run_dir / "checkpoint" / "state.json").is_file():
-                rc = {**rc, "resume": str(run_dir)}
-                cfg = load_config(rc)
-                say(f"[study {i}/{len(prepared)}] {r.name}: continuing from its checkpoint")
-            else:  # it never finished a round: start over, keeping the old directory aside
-                aside = run_dir.with_name(f"{r.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-                shutil.move(str(run_dir), str(aside))
-                say(f"[study {i}/{len(prepared)}] {r.name}: no checkpoint; moved to {aside.name}")
-        say(f"[study {i}/{len(prepared)}] {r.name}: private={list(r.private)}")
-        t0 = time.monotonic()
-        ok, msg = run_fn(rc, cfg)
-        ran.append(r.name)
-        if ok:
-            say(f"[study {i}/{len(prepared)}] {r.name}: completed in {time.monotonic() - t0:.0f}s")
-        else:
-            failed[r.name] = msg
-            say(f"[study {i}/{len(prepared)}] {r.name}: FAILED: {msg}")
+    outcome = run_sweep(spec, only=selected, run_fn=run_fn, app_dir=app_dir, progress=say)
     results = {}
     for r in plan():
         path = study_dir / r.name / "results.json"
@@ -322,10 +267,9 @@ def run_study(
             except ValueError:
                 continue
     rows = study_table(results)
-    study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "study.md").write_text(_document(rows, base_cfg, base))
     (study_dir / "study.csv").write_text(to_csv(rows))
-    return StudyOutcome(study_dir, rows, ran, skipped, failed)
+    return StudyOutcome(study_dir, rows, outcome.ran, outcome.skipped, outcome.failed)
 
 
 def _document(rows: list[dict[str, Any]], cfg: FedvitConfig, base: Mapping[str, Any]) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedvit import study
+from fedvit import sweep
 from fedvit.cli import main
 from fedvit.config import ConfigError, load_config
 from fedvit.study import plan, run_config_for, run_study, study_table, to_markdown
@@ -173,7 +173,7 @@ def test_a_failed_run_does_not_stop_the_study(tmp_path: Path, monkeypatch: pytes
         calls.append(rc["run-name"])
         return rc["run-name"] != "wtp-attn-stand-alone", "boom"
 
-    monkeypatch.setattr(study, "run_inprocess", flaky)
+    monkeypatch.setattr(sweep, "run_inprocess", flaky)  # the study runs as a sweep
     rc = base_rc(tmp_path)
     argv = ["study", "where-to-personalize", "--engine", "inprocess", "--only", "attn", "head"]
     assert main([*argv, "--output-dir", str(tmp_path / "s"), "-c", _kv(rc)]) == 1
@@ -214,6 +214,14 @@ def test_inprocess_mini_study_writes_the_table(tmp_path: Path, capsys: pytest.Ca
     for key in ("standalone_mean", "standalone_std", "combined_mean", "combined_std", "overall"):
         assert math.isfinite(float(attn[key])) and 0 <= float(attn[key]) <= 1, (key, attn)
     assert rows["mlp"]["overall"] == ""
+    # The study is a sweep of its 13 named runs: the manifest lists all, these two completed.
+    manifest = {e["name"]: e for e in json.loads((out / "sweep.json").read_text())["runs"]}
+    assert set(manifest) == {r.name for r in plan()}
+    assert {n for n, e in manifest.items() if e["status"] == "completed"} == {
+        "wtp-attn-stand-alone",
+        "wtp-attn-combined",
+    }
+    assert manifest["wtp-attn-combined"]["run_values"]["method.private"] == ["attn", "head"]
     # A second call with --resume runs nothing.
     assert main([*argv, "--resume", "-c", _kv(base_rc(tmp_path))]) == 0
     assert "completed, skipped" in capsys.readouterr().err
