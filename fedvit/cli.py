@@ -1,7 +1,7 @@
 """The ``fedvit`` command.
 
     fedvit run [APP_DIR] [--run-config "k=v ..."]... [--federation-config "k=v ..."]...
-               [--superlink NAME] [--timeout S] [--quiet] [--flwr-home DIR]
+               [--superlink NAME | --ray-address HOST:PORT] [--timeout S] [--quiet] [--flwr-home DIR]
     fedvit partition [--run-config "k=v ..."]... [--top N] [--json]
     fedvit config [--run-config "k=v ..."]... [--json]
     fedvit bench pfedla-memory [--clients N ...] [--overrides "k=v ..."] [--out FILE.json]
@@ -83,6 +83,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="submit to this SuperLink connection of FLWR_HOME/config.toml (deployment) instead of "
         "starting a private one; nothing is started or torn down then",
     )
+    p.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="simulate on a running Ray cluster (`ray start --head` here, `ray start --address=HOST:PORT` "
+        "on the other machines): clients run on all its nodes; default $RAY_ADDRESS. Its nodes are "
+        "checked first (client state directory shared, data present); see docs/deployment.md",
+    )
     p.add_argument("--flwr-home", metavar="DIR", help="FLWR_HOME to use (default: a temp dir for local runs)")
     p.add_argument("--timeout", type=float, metavar="S", help="stop the run after S seconds (exit 124)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not stream the run's log")
@@ -104,6 +111,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         gpus_per_client=gpus,
         federation_config_extra=fed_extra,
         superlink=args.superlink,
+        ray_address=args.ray_address,
         flwr_home=args.flwr_home,
         timeout_s=args.timeout,
         stream=not args.quiet,
