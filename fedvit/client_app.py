@@ -20,6 +20,8 @@ config point a real device at its own data, persistent state directory and accel
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from clients.base import ClientSetup
+from fedvit import worker
 from fedvit.config import FedvitConfig, fingerprint, load_config, to_dict
 from fedvit.params import ParameterSplit
 from fedvit.registry import get_client
@@ -43,9 +46,13 @@ def _config(items: tuple[tuple[str, Any], ...]) -> FedvitConfig:
     return load_config(dict(items))
 
 
+def _config_key(context: Context) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(context.run_config.items()))
+
+
 def client_config(context: Context) -> FedvitConfig:
     """The run's resolved config (cached per process)."""
-    return _config(tuple(sorted(context.run_config.items())))
+    return _config(_config_key(context))
 
 
 def client_identity(context: Context, cfg: FedvitConfig) -> int:
@@ -63,51 +70,102 @@ def client_identity(context: Context, cfg: FedvitConfig) -> int:
     return client_id
 
 
-def _state_dir(context: Context, cfg: FedvitConfig, run_key: str, client_id: int) -> Path:
+def simulated_run_dir(cfg: FedvitConfig, run_name: str) -> Path | None:
+    """The run directory as the ServerApp chose it, when it exists on this machine (a simulation:
+    the ServerApp writes ``config.yaml`` there before it asks any client); else ``None``."""
+    if cfg.server.resume:
+        run_dir = Path(cfg.server.resume).expanduser().resolve()
+    elif run_name:
+        run_dir = Path(cfg.output.dir).expanduser().resolve() / run_name
+    else:
+        return None
+    return run_dir if (run_dir / "config.yaml").is_file() else None
+
+
+def _state_dir(context: Context, cfg: FedvitConfig, run_key: str, run_name: str, client_id: int) -> Path:
     # A device keeps one personal model per (method, model, dataset) across runs.
     keep = f"{cfg.method.name}-{cfg.model.name}-{cfg.data.name}"
     if node_dir := context.node_config.get("state-dir"):  # this device's own directory
         return Path(str(node_dir)).expanduser() / keep
     if cfg.clients.state_dir:  # one directory for the whole federation
         return Path(cfg.clients.state_dir).expanduser() / f"client-{client_id}" / keep
+    if "client-id" not in context.node_config and (run_dir := simulated_run_dir(cfg, run_name)) is not None:
+        return run_dir / "clients" / f"client-{client_id}"  # simulation: the state goes with the run
     return default_state_dir(run_key, client_id)
 
 
-def build_setup(message: Message | None, context: Context) -> ClientSetup:
-    """Build the model, split, data and private store of this client for one message."""
+def _datasets(cfg: FedvitConfig, key: tuple, client_id: int, data_path: str | None):
+    """Client ``client_id``'s datasets, reused while the config and the data files are unchanged."""
     from fedvit.data import load_client_datasets
+    from fedvit.data.sources import source_identity
+
+    stamp = repr(source_identity(cfg.data, data_path))
+    return worker.cached(
+        "datasets",
+        (key, client_id, data_path, stamp),
+        lambda: load_client_datasets(cfg, client_id, data_path=data_path),
+    )
+
+
+def _pool(cfg: FedvitConfig, key: tuple) -> worker.ModelPool:
     from fedvit.models import build_model
 
-    cfg = client_config(context)
-    client_id = client_identity(context, cfg)
-    config = message.content.config_records.get("config", {}) if message is not None else {}
-    sent_id = config.get("client-id")
-    if sent_id is not None and int(sent_id) != client_id:
-        raise ValueError(f"message for client {sent_id} reached client {client_id}")
-    run_key = str(config.get("run-key", config.get("run-name", "default")))
-    model = build_model(cfg)
-    split = ParameterSplit.from_model(model, cfg.method.private)
-    data_path = context.node_config.get("data-path")
-    data = load_client_datasets(cfg, client_id, data_path=str(data_path) if data_path else None)
-    store = PrivateStore(
-        _state_dir(context, cfg, run_key, client_id),
-        fingerprint=fingerprint(
+    return worker.cached("pools", key, lambda: worker.ModelPool(lambda: build_model(cfg)))
+
+
+def _store_fingerprint(cfg: FedvitConfig, key: tuple, model, split: ParameterSplit) -> str:
+    return worker.cached(
+        "fingerprints",
+        (key, tuple(split.private)),
+        lambda: fingerprint(
             {
                 "method": cfg.method.name,
                 "model": to_dict(cfg)["model"],
                 "private": split.shapes(model, "private"),
             }
         ),
-        context_state=context.state,
-        context_max_bytes=int(cfg.clients.context_state_max_mb * 2**20),
     )
-    device = resolve_device(str(context.node_config.get("device", cfg.clients.device)))
-    return ClientSetup(cfg, client_id, model, split, data, store, device, dict(context.node_config))
 
 
-def make_client(message: Message, context: Context):
-    setup = build_setup(message, context)
-    return get_client(setup.cfg.method.client)(setup)
+@contextmanager
+def client_setup(message: Message | None, context: Context) -> Iterator[ClientSetup]:
+    """The model, split, data and private store of this client for one message.
+
+    The model comes pristine from this process's :class:`~fedvit.worker.ModelPool` and goes back
+    when the block ends; datasets and the store fingerprint are reused between messages of the
+    same configuration (:mod:`fedvit.worker`); private state is read from the store as always."""
+    cfg = client_config(context)
+    key = _config_key(context)
+    client_id = client_identity(context, cfg)
+    config = message.content.config_records.get("config", {}) if message is not None else {}
+    sent_id = config.get("client-id")
+    if sent_id is not None and int(sent_id) != client_id:
+        raise ValueError(f"message for client {sent_id} reached client {client_id}")
+    run_name = str(config.get("run-name", ""))
+    run_key = str(config.get("run-key", run_name or "default"))
+    pool = _pool(cfg, key)
+    model = pool.acquire()
+    try:
+        split = worker.cached("splits", key, lambda: ParameterSplit.from_model(model, cfg.method.private))
+        data_path = context.node_config.get("data-path")
+        data = _datasets(cfg, key, client_id, str(data_path) if data_path else None)
+        store = PrivateStore(
+            _state_dir(context, cfg, run_key, run_name, client_id),
+            fingerprint=_store_fingerprint(cfg, key, model, split),
+            context_state=context.state,
+            context_max_bytes=int(cfg.clients.context_state_max_mb * 2**20),
+        )
+        device = resolve_device(str(context.node_config.get("device", cfg.clients.device)))
+        yield ClientSetup(cfg, client_id, model, split, data, store, device, dict(context.node_config))
+    finally:
+        pool.release(model)
+
+
+@contextmanager
+def make_client(message: Message, context: Context) -> Iterator[Any]:
+    """The method's client for ``message`` (its model returns to the pool when the block ends)."""
+    with client_setup(message, context) as setup:
+        yield get_client(setup.cfg.method.client)(setup)
 
 
 def _config_dict(message: Message) -> dict[str, Any]:
@@ -135,7 +193,11 @@ def simulate_slowdown(slowdown: float, elapsed: float, context: Context) -> None
 @app.query()
 def identify(message: Message, context: Context) -> Message:
     """Tell the server who this node is and how much data it holds."""
-    setup = build_setup(None, context)
+    with client_setup(None, context) as setup:
+        return _identify(message, setup)
+
+
+def _identify(message: Message, setup: ClientSetup) -> Message:
     data = setup.data
     metrics = MetricRecord(
         {
@@ -154,22 +216,22 @@ def identify(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Local training; replies with the shared split only."""
-    client = make_client(message, context)
     config = _config_dict(message)
     started = time.perf_counter()
-    params, num_examples, metrics = client.fit(_received(message, client), config)
+    with make_client(message, context) as client:
+        params, num_examples, metrics = client.fit(_received(message, client), config)
+        shared, client_id = client.split.shared, client.client_id
     simulate_slowdown(float(config.get("slowdown", 1.0)), time.perf_counter() - started, context)
-    arrays = ArrayRecord({k: Array(v) for k, v in zip(client.split.shared, params, strict=True)})
-    reply = MetricRecord({**metrics, "num-examples": num_examples, "client-id": client.client_id})
+    arrays = ArrayRecord({k: Array(v) for k, v in zip(shared, params, strict=True)})
+    reply = MetricRecord({**metrics, "num-examples": num_examples, "client-id": client_id})
     return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate this client's personalized model on its own val and test splits."""
-    client = make_client(message, context)
-    loss, num_examples, metrics = client.evaluate(_received(message, client), _config_dict(message))
-    reply = MetricRecord(
-        {**metrics, "loss": loss, "num-examples": num_examples, "client-id": client.client_id}
-    )
+    with make_client(message, context) as client:
+        loss, num_examples, metrics = client.evaluate(_received(message, client), _config_dict(message))
+        client_id = client.client_id
+    reply = MetricRecord({**metrics, "loss": loss, "num-examples": num_examples, "client-id": client_id})
     return Message(RecordDict({"metrics": reply}), reply_to=message)

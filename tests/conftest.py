@@ -16,9 +16,14 @@ SHARED_DATA = Path(
 
 
 @pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Client state goes to a per-test directory; the partition cache to a per-session one."""
+def _isolated_dirs(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Client state outside a run directory goes to a per-test directory; ``FEDVIT_TEST_ROOT`` names
+    the test's own tmp_path (where its runs write their run directories and, in simulation, the
+    clients' state: ``fedhelpers.stored_private`` looks in both)."""
     monkeypatch.setenv("FEDVIT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+    monkeypatch.setenv("FEDVIT_TEST_ROOT", str(tmp_path))
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,17 @@ from pathlib import Path
 import numpy as np
 
 
+def state_files(run_name: str, cid: int | str = "*") -> list[Path]:
+    """Saved private states of the run called ``run_name``: in simulation under its run directory
+    (``<run dir>/clients/client-<id>/``), else under ``$FEDVIT_STATE_DIR/<run-key>/client-<id>/``."""
+    with_run = Path(os.environ["FEDVIT_TEST_ROOT"]).glob(f"**/{run_name}/clients/client-{cid}/private.npz")
+    elsewhere = Path(os.environ["FEDVIT_STATE_DIR"]).glob(f"{run_name}-*/client-{cid}/private.npz")
+    return sorted([*with_run, *elsewhere])
+
+
 def stored_private(cid: int, run_name: str) -> dict[str, np.ndarray]:
     """Client ``cid``'s saved private state of the (single) run called ``run_name``."""
-    (path,) = Path(os.environ["FEDVIT_STATE_DIR"]).glob(f"{run_name}-*/client-{cid}/private.npz")
+    (path,) = state_files(run_name, cid)
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 

@@ -5,6 +5,7 @@ after aggregation, results, resume."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import fedhelpers
@@ -147,3 +148,18 @@ def test_a_new_run_with_a_reused_name_does_not_inherit_private_state(tmp_path: P
     assert first["run_key"] != second["run_key"]
     # same seed, same data, fresh state: the second run repeats the first one exactly
     assert first["rounds"][0]["eval"]["per_client"] == second["rounds"][0]["eval"]["per_client"]
+
+
+def test_a_simulated_runs_client_state_lives_in_its_run_directory(tmp_path: Path) -> None:
+    _, _, run_dir = federate(tmp_path, "fedper", rounds=1)
+    files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("private.npz"))
+    assert files == [f"clients/client-{c}/private.npz" for c in range(3)]
+    assert not list(Path(os.environ["FEDVIT_STATE_DIR"]).rglob("private.npz"))  # nothing left elsewhere
+
+
+def test_a_device_without_a_state_dir_keeps_its_state_outside_the_run_directory(tmp_path: Path) -> None:
+    rc = run_config(tmp_path, "fedper", rounds=1)
+    nodes = [{"client-id": i} for i in range(3)]  # devices: identity from their node config
+    run_dir = run(InProcessGrid(rc, 3, node_configs=nodes), load_config(rc))
+    assert not list(run_dir.rglob("private.npz"))
+    assert len(list(Path(os.environ["FEDVIT_STATE_DIR"]).rglob("private.npz"))) == 3
