@@ -150,8 +150,10 @@ def _add_partition(sub: argparse._SubParsersAction) -> None:
 def _cmd_partition(args: argparse.Namespace) -> int:
     from fedvit.config import load_config
     from fedvit.data import format_partition_table, summarize_partition
+    from fedvit.preflight import check
 
     cfg = load_config(_run_config(args))
+    check(cfg)  # corrupt files, classes, image shapes: one line naming the key, like fedvit run
     summary = summarize_partition(cfg)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -827,8 +827,11 @@ def prepare_run_config(
         return PreparedRun(rc)
 
     from fedvit.config import load_config
+    from fedvit.preflight import check as preflight
 
     cfg = load_config({**defaults, **rc})
+    if local_paths:  # data, partition, model checked before anything starts (remote: data is not here)
+        preflight(cfg, cwd=cwd, release=True)
     prepared = PreparedRun(rc, num_clients=cfg.clients.num_clients, cfg=cfg)
     base = Path(cwd) if cwd is not None else Path.cwd()
     if cfg.server.resume:

@@ -18,6 +18,7 @@ from fedvit.config import FedvitConfig, load_config, to_dict, to_yaml
 from fedvit.evaluation import resource_counts
 from fedvit.models import build_model, example_input
 from fedvit.params import ParameterSplit, count, get_arrays
+from fedvit.preflight import check_server
 from fedvit.registry import get_client, get_strategy
 from fedvit.results import RunRecorder, atomic_write_text, default_run_name
 
@@ -44,6 +45,7 @@ def run(grid: Grid, cfg: FedvitConfig) -> Path:
     """Run the whole federation for ``cfg``; returns the run directory."""
     from logging import INFO
 
+    check_server(grid, cfg)  # data, partition, model checked before any client is asked (local data only)
     run_dir, run_name = run_directory(cfg)
     model = build_model(cfg)
     split = ParameterSplit.from_model(model, cfg.method.private)
