@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch  # noqa: F401  (imported at module top, as Flower's ClientApp needs it)
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.base import ClientSetup
@@ -37,6 +37,7 @@ from fedvit.params import ParameterSplit
 from fedvit.registry import get_client
 from fedvit.state import PrivateStore, default_state_dir
 from fedvit.training import resolve_device
+from fedvit.wire import to_numpy, to_record
 
 app = ClientApp()
 
@@ -175,7 +176,7 @@ def _config_dict(message: Message) -> dict[str, Any]:
 
 def _received(message: Message, client) -> list:
     record = message.content.array_records.get("arrays", ArrayRecord())
-    arrays = {k: v.numpy() for k, v in record.items()}
+    arrays = to_numpy(record)
     expected = set(client.split.shared)
     if set(arrays) != expected:
         unknown, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
@@ -222,7 +223,7 @@ def train(message: Message, context: Context) -> Message:
         params, num_examples, metrics = client.fit(_received(message, client), config)
         shared, client_id = client.split.shared, client.client_id
     simulate_slowdown(float(config.get("slowdown", 1.0)), time.perf_counter() - started, context)
-    arrays = ArrayRecord({k: Array(v) for k, v in zip(shared, params, strict=True)})
+    arrays = to_record(dict(zip(shared, params, strict=True)))
     reply = MetricRecord({**metrics, "num-examples": num_examples, "client-id": client_id})
     return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=message)
 

@@ -158,7 +158,10 @@ def set_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     sd = model.state_dict()
     with torch.no_grad():
         for k, v in arrays.items():
-            sd[k].copy_(torch.as_tensor(np.asarray(v), dtype=sd[k].dtype))
+            v = np.asarray(v)
+            if not v.flags.writeable:  # a view of a message's bytes (fedvit.wire): torch wants to own it
+                v = v.copy()
+            sd[k].copy_(torch.as_tensor(v, dtype=sd[k].dtype))
 
 
 def check_arrays(

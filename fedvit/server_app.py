@@ -21,6 +21,7 @@ from fedvit.params import ParameterSplit, count, get_arrays
 from fedvit.preflight import check_server
 from fedvit.registry import get_client, get_strategy
 from fedvit.results import RunRecorder, atomic_write_text, default_run_name
+from fedvit.wire import to_record
 
 app = ServerApp()
 
@@ -70,8 +71,6 @@ def run(grid: Grid, cfg: FedvitConfig) -> Path:
         start_round = last + 1
         log(INFO, "[fedvit] resuming %s after round %d", run_dir, last)
     else:
-        from strategies.base import to_record
-
         run_dir.mkdir(parents=True, exist_ok=True)
         arrays_record = to_record(get_arrays(model, split.shared))
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -45,6 +45,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from fedvit.params import UpdateError, check_arrays
 from fedvit.registry import method_options, register_strategy
 from fedvit.results import RunRecorder, atomic_write_text
+from fedvit.wire import to_numpy, to_record
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 
@@ -62,14 +63,6 @@ class ClientUpdate:
     arrays: dict[str, np.ndarray]
     num_examples: int
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def weighted_mean(updates: list[ClientUpdate], keys: Iterable[str]) -> dict[str, np.ndarray]:
