@@ -184,6 +184,9 @@ def export(
     from fedvit.models import example_input
 
     tier = None
+    owner = Path(state_dir).expanduser().resolve().parent.parent  # <run dir>/clients/client-<id>
+    if run_dir is None and run_config is None and (owner / "config.yaml").is_file():
+        run_dir = owner  # a simulated client's state lives in its run directory
     if run_dir is not None:
         rd = Path(run_dir).expanduser()
         cfg = config_from_yaml(rd / "config.yaml")
@@ -194,7 +197,10 @@ def export(
         if checkpoint is None:
             raise ConfigError("export: give --checkpoint (or --run-dir) with --run-config")
     else:
-        raise ConfigError("export: give --run-dir, or --run-config with --checkpoint")
+        raise ConfigError(
+            "export: give --run-dir, or --run-config with --checkpoint "
+            "(a state directory inside a run directory, <run dir>/clients/client-<id>, needs neither)"
+        )
     p = personalized_model(state_dir, cfg, checkpoint, client_id, exit=exit, tier=tier)
     x = example_input(cfg, batch=2)
     if x.is_floating_point():

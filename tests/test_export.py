@@ -41,7 +41,9 @@ def fedper_run(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _state_dir(state_root: Path, cid: int) -> Path:
-    (path,) = state_root.glob(f"fedper-*/client-{cid}")
+    """Client ``cid``'s state directory: with its simulated run (``<run dir>/clients``), or under
+    ``state_root`` for a run whose clients keep it elsewhere."""
+    (path,) = [*state_root.parent.glob(f"out/*/clients/client-{cid}"), *state_root.glob(f"*-*/client-{cid}")]
     return path
 
 
@@ -152,7 +154,7 @@ def test_an_anytime_export_is_cut_at_the_chosen_exit_and_predicts_what_the_feder
     predict = _predict_module()
     per_client = results["rounds"][-1]["eval"]["per_client"]
     for cid, exit_, label in ((0, None, "exit1"), (1, None, "exit3"), (1, 2, "exit2"), (1, 1, "exit1")):
-        (state_dir,) = state_root.glob(f"anytime-*/client-{cid}")
+        state_dir = _state_dir(state_root, cid)
         out = tmp_path / f"client{cid}-{exit_}.pt2"
         argv = ["export", str(state_dir), "--run-dir", str(run_dir), "--client-id", str(cid), "-o", str(out)]
         assert cli_main([*argv, *(["--exit", str(exit_)] if exit_ else [])]) == 0
@@ -178,7 +180,7 @@ def test_an_anytime_export_refuses_an_exit_beyond_the_tier_or_off_the_exits(
     from fedvit.export import export
 
     rc, _, run_dir, state_root = anytime_run
-    (tier1,) = state_root.glob("anytime-*/client-0")
+    tier1 = _state_dir(state_root, 0)
     with pytest.raises(ConfigError, match="tier 1; it never trained a deeper exit"):
         export(tier1, tmp_path / "x.pt2", run_dir=run_dir, client_id=0, exit=3)
     with pytest.raises(ConfigError, match=r"exits are at depths \[1, 2, 3\]"):
@@ -191,3 +193,14 @@ def test_an_anytime_export_refuses_an_exit_beyond_the_tier_or_off_the_exits(
     with pytest.raises(ConfigError, match="has no early exits"):
         export(_state_dir(fstate, 0), tmp_path / "x.pt2", run_dir=frun, exit=1)
     assert not list(tmp_path.glob("*.pt2")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_simulated_clients_state_directory_finds_its_run_without_being_told(
+    fedper_run, tmp_path: Path
+) -> None:
+    _, _, run_dir, state_root = fedper_run
+    state_dir = _state_dir(state_root, 2)
+    assert state_dir.parent.parent == run_dir  # the state went with the run
+    out = tmp_path / "client2.pt2"
+    assert cli_main(["export", str(state_dir), "--client-id", "2", "-o", str(out)]) == 0
+    assert out.is_file()
