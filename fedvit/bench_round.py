@@ -6,8 +6,8 @@ One setting (a run config, as for ``fedvit run``) is measured in three steps, on
    ``client-resources-num-cpus=1``). Round ``r`` takes ``elapsed_s[r] - elapsed_s[r-1]`` of the
    run's ``results.json`` (``elapsed_s`` counts from the ServerApp's recorder start, so round 1
    also holds discovery); the **steady round** is the median of rounds >= 2. While the run goes,
-   a sampler thread reads ``/proc`` every ``SAMPLE_S`` seconds: the summed RSS (and PSS) of every
-   process the run started (the descendants of this process and every process tagged with the
+   a sampler thread reads ``/proc`` every ``SAMPLE_S`` seconds: the summed RSS of every process the
+   run started (the descendants of this process and every process tagged with the
    runner's ``FEDVIT_RUNNER_TAG``: SuperLink, SuperExec, ServerApp, Ray, its workers, the ``flwr``
    CLI) and ``results.json`` while its status is ``running``: the file's mtime minus its last
    round's ``elapsed_s`` is the recorder's start on this machine's clock, which places the end of
@@ -44,7 +44,7 @@ from typing import Any
 from fedvit.config import ConfigError, FedvitConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_S = 0.5  # /proc sampling period of the run's process tree
+SAMPLE_S = 1.0  # /proc sampling period of the run's process tree (a sample costs ~10 ms of CPU)
 FLOOR_MESSAGES = 400  # steady messages the floor aims to time (at least 2 rounds after a warm-up)
 
 
@@ -276,28 +276,23 @@ def _statm_rss_bytes(pid: int) -> int | None:
         return None
 
 
-def _pss_bytes(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
-        return None
-    return None
-
-
 class RunWatcher:
-    """Samples the run's process tree from ``/proc`` and notes when ``results.json`` records rounds."""
+    """Samples the run's process tree from ``/proc`` and notes when ``results.json`` records rounds.
+
+    Cheap on purpose (it runs beside the measured run): ``/proc/<pid>/stat`` of every process,
+    the environment of each process once, ``statm`` of the run's processes. Not PSS: reading
+    ``smaps_rollup`` costs ~3 ms of kernel time per large process and sample.
+    """
 
     def __init__(self, results: Path, period_s: float = SAMPLE_S) -> None:
         self.results = results
         self.period_s = period_s
         self.peak_rss = 0
-        self.peak_pss = 0
         self.peak_procs = 0
         self.samples = 0
         self.recorder_t0: float | None = None  # time.time() of the ServerApp recorder's start
         self._tag: str | None = None
+        self._tags: dict[tuple[int, int], str | None] = {}  # (pid, start) -> its runner tag
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -320,28 +315,27 @@ class RunWatcher:
         from fedvit.runner import TAG_VAR, all_procs, descendants, proc_environ
 
         me = os.getpid()
-        procs = all_procs()
+        procs = [p for p in all_procs() if p.state not in "ZX"]
+        tags = {}
+        for p in procs:
+            key = (p.pid, p.start)
+            if key not in self._tags:
+                self._tags[key] = proc_environ(p.pid).get(TAG_VAR)
+            tags[key] = self._tags[key]
+        self._tags = tags  # forget the dead
         pids = {p.pid for p in descendants(me, procs)} - {me}
         if self._tag is None:
-            for pid in pids:
-                tag = proc_environ(pid).get(TAG_VAR)
-                if tag:
-                    self._tag = tag
-                    break
+            self._tag = next(
+                (tags[(p.pid, p.start)] for p in procs if p.pid in pids and tags[(p.pid, p.start)]), None
+            )
         if self._tag is not None:
-            pids |= {
-                p.pid
-                for p in procs
-                if p.pid != me and p.state not in "ZX" and proc_environ(p.pid).get(TAG_VAR) == self._tag
-            }
+            pids |= {p.pid for p in procs if p.pid != me and tags[(p.pid, p.start)] == self._tag}
         return sorted(pids)
 
     def sample(self) -> None:
         pids = self.processes()
         rss = sum(_statm_rss_bytes(p) or 0 for p in pids)
-        pss = sum(_pss_bytes(p) or 0 for p in pids)
         self.peak_rss = max(self.peak_rss, rss)
-        self.peak_pss = max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, len(pids))
         self.samples += 1
         if self.recorder_t0 is None and self.results.is_file():
@@ -535,10 +529,9 @@ def round_bench(
         "wall_s": _r(wall),
         "fixed_cost_s": _r(wall - len(times) * steady),
         "peak_rss_mb": _r(watcher.peak_rss / 2**20, 1),
-        "peak_pss_mb": _r(watcher.peak_pss / 2**20, 1),
         "memory_sampling": {
-            "how": f"/proc/<pid>/statm (RSS) and smaps_rollup (PSS) summed over the run's processes "
-            f"every {SAMPLE_S} s",
+            "how": f"/proc/<pid>/statm RSS summed over the run's processes every {SAMPLE_S} s "
+            "(pages shared by processes count once per process)",
             "samples": watcher.samples,
             "peak_processes": watcher.peak_procs,
         },
