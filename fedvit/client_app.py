@@ -2,9 +2,13 @@
 
 Messages (what crosses the wire):
 
-* ``query`` (once per run): reply ``metrics`` = {``client-id``, ``num-train``, ``num-val``,
-  ``num-test``, ``train-hist``, ``test-hist``}. The server builds its node -> client map
-  from it, so per-client messages reach the right client.
+* ``query`` (once per node): a **device** (a node with a node config of its own) replies
+  ``metrics`` = {``client-id``, ``num-train``, ``num-val``, ``num-test``, ``train-hist``,
+  ``test-hist``, and what the method's client adds in ``describe``}; the server builds its
+  node -> client map from it. A **virtual worker** (a simulated node with only Flower's own node
+  config) replies {``virtual-worker``: 1}; asked again with ``describe-clients`` = [ids] it replies
+  the same facts for each listed client as lists (``clients``, ``num-train`` ...; histograms one
+  after the other).
 * ``train``: content ``arrays`` (the shared parameters by state-dict name, possibly
   personalized by the server) and ``config`` (``server-round``, ``run-name``, ``run-key``,
   ``client-id``; asynchronous runs add ``slowdown``, a simulated device speed). Reply
@@ -12,15 +16,19 @@ Messages (what crosses the wire):
   (``num-examples``, ``client-id``, ``train-loss`` ...).
 * ``evaluate``: same content; reply ``metrics`` only (``test-acc``, ``val-acc`` ...).
 
-A client's identity is ``client-id`` from ``--node-config`` (deployment) or Flower's
-``partition-id`` (simulation). ``data-path``, ``state-dir`` and ``device`` in the node
-config point a real device at its own data, persistent state directory and accelerator.
+A device is one client: ``client-id`` from ``--node-config`` (else Flower's ``partition-id``);
+``data-path``, ``state-dir``, ``device`` and ``max-depth`` in the node config point it at its own
+data, persistent state directory, accelerator and capability. A virtual worker serves whichever
+client a message names (Flower's simulation: N clients on W <= N nodes, see
+``fedvit.runner.simulation_workers``); their private state lives on disk in the run directory
+(``<run dir>/clients/client-<id>``), never in a node's ``context.state``. Per-process reuse of
+models and data between messages: :mod:`fedvit.worker`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +45,7 @@ from fedvit.params import ParameterSplit
 from fedvit.registry import get_client
 from fedvit.state import PrivateStore, default_state_dir
 from fedvit.training import resolve_device
-from fedvit.wire import to_numpy, to_record
+from fedvit.wire import DESCRIBE, VIRTUAL_WORKER, to_numpy, to_record
 
 app = ClientApp()
 
@@ -56,10 +64,27 @@ def client_config(context: Context) -> FedvitConfig:
     return _config(_config_key(context))
 
 
-def client_identity(context: Context, cfg: FedvitConfig) -> int:
-    """This client's id: node-config ``client-id``, else Flower's ``partition-id``."""
+#: Node-config keys Flower's simulation (and fedvit's in-process grid) set by themselves.
+SIMULATION_KEYS = frozenset({"partition-id", "num-partitions", "virtual-time"})
+
+
+def is_virtual_worker(context: Context) -> bool:
+    """A simulated node with nothing of its own (no ``client-id``, ``data-path``, ``state-dir``,
+    ``device``, ``max-depth`` ...): it serves whichever client a message names (*virtual clients*).
+    A node with a node config of its own is a device: it is one client, always the same."""
     node = context.node_config
-    raw = node.get("client-id", node.get("partition-id"))
+    return "partition-id" in node and set(node) <= SIMULATION_KEYS
+
+
+def client_identity(context: Context, cfg: FedvitConfig, message: Message | None = None) -> int:
+    """The client a message is for: a device's node-config ``client-id`` (else Flower's
+    ``partition-id``); a virtual worker serves the message's ``client-id``."""
+    node = context.node_config
+    sent = _config_dict(message).get("client-id") if message is not None else None
+    if is_virtual_worker(context) and sent is not None:
+        raw = sent
+    else:
+        raw = node.get("client-id", node.get("partition-id"))
     if raw is None:
         raise ValueError("node config needs 'client-id' (or Flower's 'partition-id') to identify this client")
     client_id = int(raw)
@@ -68,6 +93,8 @@ def client_identity(context: Context, cfg: FedvitConfig) -> int:
             f"client id {client_id} is outside [0, clients.num_clients={cfg.clients.num_clients}); "
             "start as many SuperNodes as num-clients, or give this node its own data-path"
         )
+    if sent is not None and int(sent) != client_id:
+        raise ValueError(f"message for client {sent} reached client {client_id}")
     return client_id
 
 
@@ -130,18 +157,23 @@ def _store_fingerprint(cfg: FedvitConfig, key: tuple, model, split: ParameterSpl
 
 @contextmanager
 def client_setup(message: Message | None, context: Context) -> Iterator[ClientSetup]:
-    """The model, split, data and private store of this client for one message.
+    """The model, split, data and private store of the client ``message`` is for.
 
     The model comes pristine from this process's :class:`~fedvit.worker.ModelPool` and goes back
     when the block ends; datasets and the store fingerprint are reused between messages of the
     same configuration (:mod:`fedvit.worker`); private state is read from the store as always."""
     cfg = client_config(context)
+    client_id = client_identity(context, cfg, message)
+    config = _config_dict(message) if message is not None else {}
+    with setup_for(context, client_id, config) as setup:
+        yield setup
+
+
+@contextmanager
+def setup_for(context: Context, client_id: int, config: Mapping[str, Any]) -> Iterator[ClientSetup]:
+    """:func:`client_setup` for a known ``client_id`` (``config``: the message's config)."""
+    cfg = client_config(context)
     key = _config_key(context)
-    client_id = client_identity(context, cfg)
-    config = message.content.config_records.get("config", {}) if message is not None else {}
-    sent_id = config.get("client-id")
-    if sent_id is not None and int(sent_id) != client_id:
-        raise ValueError(f"message for client {sent_id} reached client {client_id}")
     run_name = str(config.get("run-name", ""))
     run_key = str(config.get("run-key", run_name or "default"))
     pool = _pool(cfg, key)
@@ -153,7 +185,8 @@ def client_setup(message: Message | None, context: Context) -> Iterator[ClientSe
         store = PrivateStore(
             _state_dir(context, cfg, run_key, run_name, client_id),
             fingerprint=_store_fingerprint(cfg, key, model, split),
-            context_state=context.state,
+            # a virtual worker serves many clients, and a client many workers: disk only
+            context_state=None if is_virtual_worker(context) else context.state,
             context_max_bytes=int(cfg.clients.context_state_max_mb * 2**20),
         )
         device = resolve_device(str(context.node_config.get("device", cfg.clients.device)))
@@ -193,25 +226,41 @@ def simulate_slowdown(slowdown: float, elapsed: float, context: Context) -> None
 
 @app.query()
 def identify(message: Message, context: Context) -> Message:
-    """Tell the server who this node is and how much data it holds."""
+    """Tell the server who this node is: a device names its client and its data sizes; a virtual
+    worker says so, and describes the clients listed in ``describe-clients`` when asked."""
+    config = _config_dict(message)
+    if is_virtual_worker(context):
+        metrics: dict[str, Any] = {VIRTUAL_WORKER: 1}
+        ids = [int(c) for c in config.get(DESCRIBE, [])]
+        rows = []
+        for cid in ids:
+            if not 0 <= cid < client_config(context).clients.num_clients:
+                raise ValueError(f"asked to describe client {cid}, outside [0, clients.num_clients)")
+            with setup_for(context, cid, config) as setup:
+                rows.append(describe(setup))
+        if rows:
+            metrics["clients"] = ids
+            for key in rows[0]:
+                values = [r[key] for r in rows]
+                metrics[key] = [v for vs in values for v in vs] if key.endswith("-hist") else values
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
     with client_setup(None, context) as setup:
-        return _identify(message, setup)
+        reply = MetricRecord({"client-id": setup.client_id, **describe(setup)})
+    return Message(RecordDict({"metrics": reply}), reply_to=message)
 
 
-def _identify(message: Message, setup: ClientSetup) -> Message:
+def describe(setup: ClientSetup) -> dict[str, Any]:
+    """What the server records about a client: its split sizes, label histograms, and what the
+    method's client says about itself (``PartialClient.describe``, e.g. anytime's tier)."""
     data = setup.data
-    metrics = MetricRecord(
-        {
-            "client-id": setup.client_id,
-            "num-train": len(data.train),
-            "num-val": len(data.val),
-            "num-test": len(data.test),
-            "train-hist": [int(v) for v in data.label_histograms["train"]],
-            "test-hist": [int(v) for v in data.label_histograms["test"]],
-            **get_client(setup.cfg.method.client).describe(setup),
-        }
-    )
-    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+    return {
+        "num-train": len(data.train),
+        "num-val": len(data.val),
+        "num-test": len(data.test),
+        "train-hist": [int(v) for v in data.label_histograms["train"]],
+        "test-hist": [int(v) for v in data.label_histograms["test"]],
+        **get_client(setup.cfg.method.client).describe(setup),
+    }
 
 
 @app.train()

@@ -65,7 +65,10 @@ class InProcessGrid:
     def get_node_ids(self) -> Iterable[int]:
         return [n for n in self.contexts if n not in self.offline]
 
-    def _handle(self, msg: Message) -> Message | None:
+    def _handle(self, msg: Message, message_id: str | None = None) -> Message | None:
+        if not msg.metadata.message_id:  # as Flower's grid does when it sends a message
+            self._next_id += 1
+            msg.metadata.__dict__["_message_id"] = message_id or f"inprocess-{self._next_id}"
         self.sent.append(msg)
         node = msg.metadata.dst_node_id
         if node in self.offline or node not in self.contexts:
@@ -84,9 +87,9 @@ class InProcessGrid:
         """Handle each message now; its reply is pullable at ``clock + slowdown × num-steps``."""
         ids = []
         for msg in messages:
-            reply = self._handle(msg)
             self._next_id += 1
             mid = f"inprocess-{self._next_id}"
+            reply = self._handle(msg, mid)
             ids.append(mid)
             if reply is None:
                 continue

@@ -889,6 +889,24 @@ def federation_config(
     return fed
 
 
+#: Simulated SuperNodes per concurrently running client (see :func:`simulation_workers`).
+WORKERS_PER_SLOT = 8
+MIN_WORKERS = 32
+
+
+def simulation_workers(num_clients: int, cpus_per_client: float = 1, cpus: int | None = None) -> int:
+    """How many SuperNodes a simulation starts: ``min(num_clients, max(32, 8 × slots))`` with
+    ``slots = cpus / cpus_per_client`` clients running at once.
+
+    Simulated nodes are *virtual workers*: each serves whichever client a message names (see
+    ``fedvit.client_app.is_virtual_worker``), so results do not depend on their number. Flower's
+    own cost per message grows with the number of nodes (its simulation scans every node's queue
+    every 0.1 s, taking one message per node per pass); a few workers per running client keep that
+    scan small while never starving a core (each pass hands out up to one message per worker)."""
+    slots = max(1.0, (cpus if cpus is not None else os.cpu_count() or 1) / max(cpus_per_client, 1e-9))
+    return int(min(num_clients, max(MIN_WORKERS, math.ceil(WORKERS_PER_SLOT * slots))))
+
+
 def auto_gpus_per_client(cfg: Any, num_supernodes: int | None, available: float | None = None) -> float:
     """GPU share per simulated client so that all clients fit on the GPUs (0: none).
 
@@ -1198,8 +1216,30 @@ def _flwr(
     )
 
 
+#: Lines of Flower's and Ray's run log that say nothing about a fedvit run (the runner chooses the
+#: number of simulated SuperNodes itself, and hides GPUs from CPU-only clients on purpose): not
+#: echoed; one line says they were left out. Every line still goes to the kept tail.
+LOG_NOISE = (
+    re.compile(r"default simulated SuperNodes changed from"),
+    re.compile(r"To change federation size, use the following command"),
+    re.compile(r"flwr federation simulation-config"),
+    re.compile(r"FutureWarning: Tip: In future versions of Ray, Ray will no longer override accelerator"),
+    re.compile(r"^\s*warnings\.warn\(\s*$"),
+)
+NOISE_NOTE = (
+    "fedvit: (left out of this log: Flower's federation-size hints, which do not apply because fedvit "
+    "sets num-supernodes, and Ray's notice about GPU visibility, which fedvit relies on)\n"
+)
+
+
+def is_noise(line: str) -> bool:
+    """A log line from :data:`LOG_NOISE`."""
+    return any(p.search(line) for p in LOG_NOISE)
+
+
 class _LogPump:
-    """``flwr log <id> --stream`` in the background: echoes lines and keeps the last ones."""
+    """``flwr log <id> --stream`` in the background: echoes lines (without :data:`LOG_NOISE`, noted
+    once) and keeps the last ones."""
 
     def __init__(
         self, cmd: list[str], env: Mapping[str, str], cwd: Path, sink: TextIO | None, keep: int = 40
@@ -1223,8 +1263,15 @@ class _LogPump:
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         plain = self.sink is not None and not _isatty(self.sink)
+        noted = False
         for line in self.proc.stdout:
             self.tail.append(strip_ansi(line.rstrip("\n")))
+            if is_noise(strip_ansi(line)):
+                if not noted and self.sink is not None:
+                    noted = True
+                    with contextlib.suppress(Exception):
+                        self.sink.write(NOISE_NOTE)
+                continue
             if self.sink is not None:
                 with contextlib.suppress(Exception):
                     self.sink.write(strip_ansi(line) if plain else line)
@@ -1291,7 +1338,8 @@ def run_flwr(
 ) -> RunOutcome:
     """Run a Flower app to its end and report its final status.
 
-    ``num_supernodes``: simulated clients; ``None`` = the fedvit config's ``clients.num_clients``
+    ``num_supernodes``: simulated SuperNodes; ``None`` = for a fedvit app :func:`simulation_workers`
+    (virtual workers serving its ``clients.num_clients`` clients)
     (local runs; required for other apps), not sent for a remote ``superlink``.
     ``federation_config_extra``: more ``--federation-config`` keys (they win).
     ``superlink``: ``None`` starts a private SuperLink (see the module doc); a name submits to
@@ -1338,8 +1386,9 @@ def run_flwr(
                 "joins one): each node's resources are what `ray start --num-cpus/--num-gpus` declared"
             )
     prepared = prepare_run_config(app, run_config, cwd=here, local_paths=local, validate=validate)
-    if local and num_supernodes is None:
-        num_supernodes = prepared.num_clients
+    if local and num_supernodes is None and prepared.num_clients is not None:
+        extra_n = (federation_config_extra or {}).get("num-supernodes")
+        num_supernodes = extra_n or simulation_workers(prepared.num_clients, cpus_per_client)
     fed = federation_config(
         num_supernodes, cpus_per_client if local else None, gpus_per_client or 0.0, federation_config_extra
     )
@@ -1360,11 +1409,11 @@ def run_flwr(
         n = fed.get("num-supernodes")
         if n is None:
             raise ConfigError("federation-config 'num-supernodes' is required for apps other than fedvit")
-        if prepared.num_clients is not None and n != prepared.num_clients:
+        if prepared.num_clients is not None and n > prepared.num_clients:
             raise ConfigError(
                 f"federation-config num-supernodes={n} but clients.num_clients={prepared.num_clients}: "
-                f"each simulated SuperNode is one client; set the run-config key num-clients={n} "
-                "(or leave num-supernodes out)"
+                "simulated SuperNodes are workers that serve the clients, at most one per client; "
+                f"set the run-config key num-clients={n} (or leave num-supernodes out)"
             )
     if cluster is not None:
         _say_cluster(cluster, fed, say)

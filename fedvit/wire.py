@@ -19,6 +19,11 @@ from flwr.app import Array, ArrayRecord
 
 NUMPY_STYPE = "numpy.ndarray"
 
+#: Query-reply key of a simulated node that serves any client (a *virtual worker*), and the
+#: query-config key that asks it to describe a list of clients (``fedvit.client_app`` answers,
+#: ``strategies.base`` asks).
+VIRTUAL_WORKER, DESCRIBE = "virtual-worker", "describe-clients"
+
 
 @lru_cache(maxsize=4096)
 def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:

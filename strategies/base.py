@@ -45,9 +45,31 @@ from flwr.serverapp.strategy import FedAvg, Result
 from fedvit.params import UpdateError, check_arrays
 from fedvit.registry import method_options, register_strategy
 from fedvit.results import RunRecorder, atomic_write_text
-from fedvit.wire import to_numpy, to_record
+from fedvit.wire import DESCRIBE, VIRTUAL_WORKER, to_numpy, to_record
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+
+
+def virtual_address(client_id: int) -> int:
+    """The address of a virtual client (negative: never a Flower node id)."""
+    return -(client_id + 1)
+
+
+def unpack_client_info(metrics: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """``client_info`` entries from a worker's batched description: ``clients`` lists the ids;
+    every other key holds one value per client, or for ``*-hist`` keys the histograms one after
+    the other."""
+    ids = [int(c) for c in metrics.get("clients", [])]
+    out: dict[int, dict[str, Any]] = {c: {} for c in ids}
+    for key, values in metrics.items():
+        if key in ("clients", VIRTUAL_WORKER) or not ids:
+            continue
+        values = list(values) if isinstance(values, list) else [values] * len(ids)
+        width = len(values) // len(ids)
+        for i, c in enumerate(ids):
+            chunk = values[i * width : (i + 1) * width]
+            out[c][key.replace("-", "_")] = chunk if key.endswith("-hist") else chunk[0]
+    return out
 
 
 class RoundFailedError(RuntimeError):
@@ -126,7 +148,8 @@ class PersonalizedStrategy(FedAvg):
         self.run_key = f"{run_name}-{uuid.uuid4().hex[:8]}"
         self.recorder = recorder
         self.checkpoint_dir = checkpoint_dir
-        self.node_to_client: dict[int, int] = {}
+        self.node_to_client: dict[int, int] = {}  # address (a device's node, or virtual_address) -> client
+        self.workers: list[int] = []  # simulated nodes that serve virtual clients
         self.client_info: dict[int, dict[str, Any]] = {}
         self.num_rounds = 0
         self._current: ArrayRecord | None = None
@@ -243,51 +266,107 @@ class PersonalizedStrategy(FedAvg):
     # ------------------------------------------------------------------ client identity
 
     def discover(self, grid: Grid, timeout: float) -> None:
-        """Wait for enough nodes, then ask every unknown node for its client id."""
+        """Ask every new node who it is until enough clients are available.
+
+        A device answers with its client id (and data sizes). A *virtual worker* (a simulated node
+        with no node config of its own, see ``fedvit.client_app.is_virtual_worker``) answers that it
+        serves any client: then every client without a device of its own becomes a virtual client
+        at address :func:`virtual_address` and its messages are routed to live workers
+        (:meth:`route`). The workers describe those clients in one batched query each."""
         deadline = time.time() + timeout
-        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+        problems: list[str] = []
+        known = (len(self.node_to_client), len(self.workers))
+        while True:
+            nodes = list(grid.get_node_ids())
+            new = [n for n in nodes if n not in self.node_to_client and n not in self.workers]
+            if new:
+                problems += self._identify(grid, new, nodes, timeout)
+            available = len(self._live_nodes(grid))
+            if available >= self.min_available_nodes:
+                break
+            if problems and len(nodes) >= self.min_available_nodes:  # every node answered: too few can start
+                raise RoundFailedError(
+                    f"only {available} of {self.min_available_nodes} clients could start; "
+                    + "; ".join(problems[:3])
+                )
             if time.time() > deadline:
                 raise TimeoutError(
-                    f"only {len(nodes)} of {self.min_available_nodes} clients connected in {timeout}s"
+                    f"only {available} of {self.min_available_nodes} clients connected in {timeout}s"
                 )
-            log(INFO, "Waiting for clients: %d of %d connected", len(nodes), self.min_available_nodes)
+            log(INFO, "Waiting for clients: %d of %d connected", available, self.min_available_nodes)
             time.sleep(1.0)
-        unknown = [n for n in nodes if n not in self.node_to_client]
-        if not unknown:
-            return
-        config = ConfigRecord({"run-name": self.run_name, "run-key": self.run_key})
-        messages = [
-            Message(content=RecordDict({CONFIG: config}), message_type=MessageType.QUERY, dst_node_id=n)
-            for n in unknown
-        ]
+        if (len(self.node_to_client), len(self.workers)) == known:
+            return  # nobody new
+        if self.workers:
+            self._describe_virtual_clients(grid, timeout)
+        if self.recorder is not None:
+            self.recorder.set_clients(self.client_info)
+        devices = {c: n for n, c in self.node_to_client.items() if n >= 0}
+        virtual = sum(1 for n in self.node_to_client if n < 0)
+        log(
+            INFO,
+            "Clients: %d on devices%s, %d virtual on %d simulated workers",
+            len(devices),
+            f" {dict(sorted(devices.items()))}" if 0 < len(devices) <= 32 else "",
+            virtual,
+            len(self.workers),
+        )
+
+    def _query(self, node: int, **config: Any) -> Message:
+        record = ConfigRecord({"run-name": self.run_name, "run-key": self.run_key, **config})
+        return Message(content=RecordDict({CONFIG: record}), message_type=MessageType.QUERY, dst_node_id=node)
+
+    def _identify(self, grid: Grid, new: list[int], nodes: list[int], timeout: float) -> list[str]:
+        """Query ``new`` nodes; record devices (node -> client) and virtual workers. Problems."""
         problems = []
-        for reply in grid.send_and_receive(messages, timeout=timeout):
+        for reply in grid.send_and_receive([self._query(n) for n in new], timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 problems.append(f"node {node}: {reply.error.reason}")
                 log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
                 continue
             metrics = dict(reply.content[METRICS])
+            if metrics.get(VIRTUAL_WORKER):
+                self.workers.append(node)
+                continue
             cid = int(metrics.pop("client-id"))
-            if cid in self.node_to_client.values():
-                other = next(n for n, c in self.node_to_client.items() if c == cid)
-                if other in nodes:
+            for other in [n for n, c in self.node_to_client.items() if c == cid]:
+                if other >= 0 and other in nodes:
                     raise ValueError(f"nodes {other} and {node} both claim client id {cid}")
-                del self.node_to_client[other]  # the client reconnected as a new node
+                del self.node_to_client[other]  # the client reconnected as a new node (or left a worker)
             self.node_to_client[node] = cid
             self.client_info[cid] = {k.replace("-", "_"): v for k, v in metrics.items()}
-        if len(self.node_to_client) < self.min_available_nodes:
-            raise RoundFailedError(
-                f"only {len(self.node_to_client)} of {self.min_available_nodes} clients could start; "
-                + "; ".join(problems[:3])
-            )
-        if self.recorder is not None:
-            self.recorder.set_clients(self.client_info)
-        log(INFO, "Clients: %s", dict(sorted((c, n) for n, c in self.node_to_client.items())))
+        if self.workers:
+            devices = set(self.node_to_client.values())
+            for cid in range(self.num_clients):
+                if cid not in devices:
+                    self.node_to_client[virtual_address(cid)] = cid
+        return problems
+
+    def _describe_virtual_clients(self, grid: Grid, timeout: float) -> None:
+        """One query per worker describes a share of the virtual clients that are not described yet
+        (sizes, label histograms, what the method's client reports about itself)."""
+        todo = sorted(c for n, c in self.node_to_client.items() if n < 0 and c not in self.client_info)
+        live = [w for w in self.workers if w in set(grid.get_node_ids())]
+        if not todo or not live:
+            return
+        shares = [todo[i :: len(live)] for i in range(len(live))]
+        queries = [self._query(w, **{DESCRIBE: part}) for w, part in zip(live, shares, strict=True) if part]
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            if reply.has_error():
+                log(WARNING, "a worker could not describe its clients: %s", reply.error.reason)
+                continue
+            self.client_info.update(unpack_client_info(dict(reply.content[METRICS])))
 
     def _live_nodes(self, grid: Grid) -> list[int]:
+        """Addresses of the clients that can take part now: devices whose node is connected and,
+        while a simulated worker is connected, every virtual client."""
         live = set(grid.get_node_ids())
-        return sorted((n for n in self.node_to_client if n in live), key=self.node_to_client.__getitem__)
+        working = any(w in live for w in self.workers)
+        return sorted(
+            (n for n in self.node_to_client if n in live or (n < 0 and working)),
+            key=self.node_to_client.__getitem__,
+        )
 
     def sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """Seeded sample of ``fraction_train`` of the live clients (at least ``min_train_nodes``)."""
@@ -321,20 +400,76 @@ class PersonalizedStrategy(FedAvg):
         )
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
 
-    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-        """``grid.send_and_receive`` that remembers which node each message went to, so that
-        :meth:`_split_replies` can name the client of an error the SuperLink wrote itself (a
-        lost node's "Node Unavailable" comes from node 0) and of a message never answered."""
+    def message_cost(self, msg: Message) -> float:
+        """Expected work of a message, for scheduling: the client's training examples for
+        ``train``, its validation and test examples for ``evaluate`` (1 when unknown)."""
+        info = self.client_info.get(self.node_to_client.get(msg.metadata.dst_node_id, -1), {})
+        if msg.metadata.message_type == MessageType.TRAIN:
+            return float(info.get("num_train", 1) or 1)
+        return float((info.get("num_val", 0) or 0) + (info.get("num_test", 0) or 0) or 1)
+
+    def route(self, grid: Grid, messages: list[Message]) -> dict[int, int]:
+        """Send each virtual client's message to a live worker; returns ``id(message) -> address``.
+
+        Flower's simulation hands a node's messages to its workers one per node per pass, in the
+        order the nodes were created, whatever order they were sent in. So the messages are sorted
+        by :meth:`message_cost` (largest first) and dealt round-robin over the workers: the k-th
+        pass carries the k-th largest band, and no core idles at the end of a round behind one
+        large client that started last (longest-processing-time-first, band by band)."""
+        addresses = {id(m): m.metadata.dst_node_id for m in messages}
+        virtual = [m for m in messages if m.metadata.dst_node_id < 0]
+        if virtual:
+            live = set(grid.get_node_ids())
+            workers = [w for w in self.workers if w in live]
+            if not workers:
+                raise RoundFailedError("no simulated worker is connected to serve the virtual clients")
+            virtual.sort(key=lambda m: (-self.message_cost(m), self.node_to_client[m.metadata.dst_node_id]))
+            for i, msg in enumerate(virtual):
+                msg.metadata.dst_node_id = workers[i % len(workers)]
+        return addresses
+
+    @staticmethod
+    def readdress(reply: Message, address: int) -> Message:
+        """Present ``reply`` as coming from the client's address (a virtual client's worker, or
+        node 0 for an error the SuperLink wrote itself), so every later step sees the client."""
+        if reply.metadata.src_node_id != address:
+            reply.metadata.__dict__["_src_node_id"] = address
+        return reply
+
+    def push(self, grid: Grid, messages: Iterable[Message]) -> dict[str, int]:
+        """``grid.push_messages`` with routing; returns ``message id -> address``."""
         sent = list(messages)
+        addresses = self.route(grid, sent)
+        ids = list(grid.push_messages(sent))
+        return {mid: addresses[id(m)] for mid, m in zip(ids, sent, strict=True)}
+
+    def pull(self, grid: Grid, sent: Mapping[str, int]) -> list[Message]:
+        """``grid.pull_messages`` for ``sent`` (from :meth:`push`), each reply re-addressed."""
+        return [
+            self.readdress(r, sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id))
+            for r in grid.pull_messages(list(sent))
+        ]
+
+    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+        """``grid.send_and_receive`` with routing (:meth:`route`) that remembers which client each
+        message was for, so that every reply is seen from its client's address and
+        :meth:`_split_replies` can name the client of an error the SuperLink wrote itself (a lost
+        node's "Node Unavailable" comes from node 0) and of a message never answered."""
+        sent = list(messages)
+        addresses = self.route(grid, sent)
         replies = list(grid.send_and_receive(sent, timeout=timeout))
         if all(m.metadata.message_id for m in sent):
-            self._sent = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+            self._sent = {m.metadata.message_id: addresses[id(m)] for m in sent}
             answered = {r.metadata.reply_to_message_id for r in replies}
             self._unanswered = [n for mid, n in self._sent.items() if mid not in answered]
-        else:  # a grid that leaves message ids unset (in-process): match replies by their source
+            replies = [
+                self.readdress(r, self._sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id))
+                for r in replies
+            ]
+        else:  # a grid that leaves message ids unset: match replies by their source (devices only)
             self._sent = {}
             sources = {r.metadata.src_node_id for r in replies}
-            self._unanswered = [m.metadata.dst_node_id for m in sent if m.metadata.dst_node_id not in sources]
+            self._unanswered = [addresses[id(m)] for m in sent if m.metadata.dst_node_id not in sources]
         self._timeout = timeout
         return replies
 

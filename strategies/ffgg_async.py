@@ -194,7 +194,8 @@ class AsyncFFGGStrategy(FFGGStrategy):
             self.log = self.recorder.data.setdefault("async_updates", [])  # kept across a resume
         self.discover(grid, timeout)
         rng = random.Random(self.seed * 1_000_033 + start_round)
-        in_flight: dict[int, tuple[str, int]] = {}  # node -> (message id, version sent)
+        in_flight: dict[int, tuple[str, int]] = {}  # client address -> (message id, version sent)
+        sent: dict[str, int] = {}  # message id -> client address (see PersonalizedStrategy.push)
         idle = [n for n in self._live_nodes(grid)]
         rng.shuffle(idle)
         rnd, t0, round_updates, round_losses = start_round, time.time(), {}, []
@@ -206,14 +207,15 @@ class AsyncFFGGStrategy(FFGGStrategy):
             while idle and len(in_flight) < self.options.concurrency:
                 node = idle.pop(0)
                 msg = self.train_message(rnd, node, to_record(x), train_config)
-                (mid,) = list(grid.push_messages([msg]))
+                ((mid, address),) = self.push(grid, [msg]).items()
+                sent[mid] = address
                 in_flight[node] = (mid, self.version)
 
         hand_out()
         while rnd <= num_rounds:
             if not in_flight:
                 raise RoundFailedError(f"round {rnd}: no client left to train; " + "; ".join(failures[:3]))
-            replies = list(grid.pull_messages([mid for mid, _ in in_flight.values()]))
+            replies = self.pull(grid, {mid: sent[mid] for mid, _ in in_flight.values()})
             if not replies:
                 if time.time() > deadline:
                     raise TimeoutError(f"round {rnd}: no reply within server.round_timeout={timeout}s")
@@ -253,7 +255,7 @@ class AsyncFFGGStrategy(FFGGStrategy):
                         break
             if rnd <= num_rounds:
                 hand_out()
-        self._drain(grid, in_flight)
+        self._drain(grid, in_flight, sent)
         result.arrays = to_record(x)
         return result
 
@@ -287,11 +289,13 @@ class AsyncFFGGStrategy(FFGGStrategy):
         self._progress(rnd, train, eval_metrics, time.time() - t0)
         return arrays
 
-    def _drain(self, grid: Grid, in_flight: dict[int, tuple[str, int]], wait: float = 30.0) -> None:
+    def _drain(
+        self, grid: Grid, in_flight: dict[int, tuple[str, int]], sent: dict[str, int], wait: float = 30.0
+    ) -> None:
         """Collect (and discard) replies still in flight, so no client is cut off mid-message."""
         end = time.time() + wait
         while in_flight and time.time() < end:
-            for reply in grid.pull_messages([mid for mid, _ in in_flight.values()]):
+            for reply in self.pull(grid, {mid: sent[mid] for mid, _ in in_flight.values()}):
                 in_flight.pop(reply.metadata.src_node_id, None)
             if in_flight:
                 time.sleep(0.05)

@@ -57,6 +57,14 @@ class Replies(list):
         self.train: list = []
 
 
+def client_of(message, context) -> int:
+    """The client a message is for: the one it names (a simulated node serves any client), else
+    the node's own (a device, or a query)."""
+    config = message.content.config_records.get("config", {})
+    node = context.node_config
+    return int(config.get("client-id", node.get("client-id", node["partition-id"])))
+
+
 @pytest.fixture
 def capture_replies(monkeypatch: pytest.MonkeyPatch) -> Replies:
     """Record every reply the fedvit ClientApp returns (in-process federations)."""
@@ -67,7 +75,7 @@ def capture_replies(monkeypatch: pytest.MonkeyPatch) -> Replies:
 
     def spy(self, message, context):
         reply = original(message, context)
-        kind, cid = message.metadata.message_type, context.node_config["partition-id"]
+        kind, cid = message.metadata.message_type, client_of(message, context)
         replies.append((kind, cid, reply))
         if kind == "train":
             replies.train.append((cid, reply))
@@ -95,7 +103,7 @@ def received(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, dict[str, 
         kind = message.metadata.message_type
         if kind in ("train", "evaluate"):
             arrays = {k: v.numpy() for k, v in message.content.array_records["arrays"].items()}
-            seen.append((kind, int(context.node_config["partition-id"]), arrays))
+            seen.append((kind, client_of(message, context), arrays))
         return original(message, context)
 
     monkeypatch.setattr(type(client_app.app), "__call__", spy)

@@ -566,3 +566,21 @@ def test_named_superlink_is_used_as_is(tiny_app: Path, tmp_path: Path, mark: str
         assert result["output-dir"] == "out" and result["cwd"] == str(server_cwd)
         assert superlinks_seen and set(superlinks_seen) == {1}  # run_flwr started none of its own
     assert marked(mark) == [], describe_procs(marked(mark))
+
+
+def test_flower_and_ray_notices_that_do_not_apply_are_left_out_of_the_echoed_log() -> None:
+    from fedvit.runner import is_noise
+
+    noise = [
+        "WARNING :   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.",
+        "INFO :      \tflwr federation simulation-config @none/default <superlink> --num-supernodes <N>",
+        "/x/ray/_private/worker.py:2051: FutureWarning: Tip: In future versions of Ray, Ray will no longer "
+        "override accelerator visible devices env var if num_gpus=0",
+        "  warnings.warn(",
+    ]
+    kept = [
+        "INFO :      [fedvit] round 1/2 | 1.1s | train loss 2.25",
+        "ERROR :     ClientApp raised an exception",
+    ]
+    assert all(is_noise(line) for line in noise)
+    assert not any(is_noise(line) for line in kept)
