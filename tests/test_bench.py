@@ -229,7 +229,8 @@ def test_bench_round_writes_every_field_with_consistent_numbers(tmp_path: Path, 
         steady / (report["floor_s_per_round"] + bound), rel=0.01
     )
     assert report["overhead_ms_per_message_above_floor"] == pytest.approx(
-        (steady - bound) / 6 * 1000 - floor_ms, abs=0.05
+        (steady - bound) / 6 * 1000 - floor_ms,
+        abs=0.2,  # the report's seconds are rounded to 1 ms
     )
     assert report["fixed_cost_s"] == pytest.approx(report["wall_s"] - 3 * steady, abs=0.01)
     assert report["startup_to_first_round_s"] >= report["startup"]["first_round_s"]
