@@ -393,6 +393,7 @@ def round_bench(
     app_dir: str | Path = REPO,
     skip_floor: bool = False,
     skip_bound: bool = False,
+    supernodes: int | None = None,
     timeout_s: float = 3600.0,
     bound_measure_s: float = 8.0,
     floor_rounds_: int | None = None,
@@ -408,7 +409,14 @@ def round_bench(
     from fedvit.data import cache_path, partition_fingerprint
     from fedvit.models import build_model
     from fedvit.params import ParameterSplit
-    from fedvit.runner import RunnerError, describe, is_fedvit_app, prepare_run_config, run_flwr
+    from fedvit.runner import (
+        RunnerError,
+        describe,
+        is_fedvit_app,
+        prepare_run_config,
+        run_flwr,
+        simulation_workers,
+    )
 
     say = progress or (lambda _msg: None)
     app = Path(app_dir).expanduser().resolve()
@@ -448,6 +456,9 @@ def round_bench(
             if "clients.state_dir" not in str(rc.get("overrides", "")):
                 rc["overrides"] = f"{rc.get('overrides', '')} clients.state_dir={tmp / 'state'}".strip()
         prepared = prepare_run_config(app, rc)
+        # the run directory this bench reads must be the one the run writes: pin the chosen name
+        # (left to the runner, a timestamped default could fall on the next second)
+        rc = {**rc, "run-name": prepared.run_config.get("run-name", rc.get("run-name"))}
         assert prepared.output_dir is not None
         results_path = prepared.output_dir / "results.json"
         load_before = os.getloadavg()
@@ -457,6 +468,7 @@ def round_bench(
             outcome = run_flwr(
                 app,
                 rc,
+                num_supernodes=supernodes,
                 cpus_per_client=1,
                 gpus_per_client=0.0,
                 timeout_s=timeout_s,
@@ -498,6 +510,7 @@ def round_bench(
             "run_config": given,
             "app": str(app),
             "N": n,
+            "supernodes": supernodes or simulation_workers(n, 1),  # simulated SuperNodes of the run
             "rounds": len(times),
             "train_messages_per_round": train_msgs,
             "eval_messages_per_round": eval_msgs,

@@ -388,6 +388,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-floor", action="store_true", help="round: do not measure Flower's floor")
     p.add_argument("--skip-bound", action="store_true", help="round: do not measure the compute bound")
     p.add_argument(
+        "--supernodes",
+        type=int,
+        metavar="W",
+        help="round: simulated SuperNodes (default: fedvit run's choice; an --app from before virtual "
+        "clients needs one per client)",
+    )
+    p.add_argument(
         "--timeout", type=float, default=3600.0, metavar="S", help="round: limit of the run and of the floor"
     )
     p.add_argument(
@@ -401,13 +408,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "round":
         from fedvit.bench_round import REPO, round_bench
 
-        if args.timeout <= 0 or args.bound_seconds <= 0:
-            raise ConfigError("bench round: --timeout and --bound-seconds must be > 0")
+        bad_nodes = args.supernodes is not None and args.supernodes < 1
+        if args.timeout <= 0 or args.bound_seconds <= 0 or bad_nodes:
+            raise ConfigError("bench round: --timeout, --bound-seconds and --supernodes must be > 0")
         report = round_bench(
             _run_config(args),
             app_dir=args.app or REPO,
             skip_floor=args.skip_floor,
             skip_bound=args.skip_bound,
+            supernodes=args.supernodes,
             timeout_s=args.timeout,
             bound_measure_s=args.bound_seconds,
             progress=_err,

@@ -273,6 +273,7 @@ class PersonalizedStrategy(FedAvg):
         serves any client: then every client without a device of its own becomes a virtual client
         at address :func:`virtual_address` and its messages are routed to live workers
         (:meth:`route`). The workers describe those clients in one batched query each."""
+        started = time.perf_counter()
         deadline = time.time() + timeout
         problems: list[str] = []
         known = (len(self.node_to_client), len(self.workers))
@@ -299,17 +300,20 @@ class PersonalizedStrategy(FedAvg):
             return  # nobody new
         if self.workers:
             self._describe_virtual_clients(grid, timeout)
+        seconds = time.perf_counter() - started
         if self.recorder is not None:
             self.recorder.set_clients(self.client_info)
+            self.recorder.data.setdefault("discovery_s", []).append(round(seconds, 3))
         devices = {c: n for n, c in self.node_to_client.items() if n >= 0}
         virtual = sum(1 for n in self.node_to_client if n < 0)
         log(
             INFO,
-            "Clients: %d on devices%s, %d virtual on %d simulated workers",
+            "Clients: %d on devices%s, %d virtual on %d simulated workers (discovery %.1fs)",
             len(devices),
             f" {dict(sorted(devices.items()))}" if 0 < len(devices) <= 32 else "",
             virtual,
             len(self.workers),
+            seconds,
         )
 
     def _query(self, node: int, **config: Any) -> Message:
