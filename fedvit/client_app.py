@@ -232,12 +232,7 @@ def identify(message: Message, context: Context) -> Message:
     if is_virtual_worker(context):
         metrics: dict[str, Any] = {VIRTUAL_WORKER: 1}
         ids = [int(c) for c in config.get(DESCRIBE, [])]
-        rows = []
-        for cid in ids:
-            if not 0 <= cid < client_config(context).clients.num_clients:
-                raise ValueError(f"asked to describe client {cid}, outside [0, clients.num_clients)")
-            with setup_for(context, cid, config) as setup:
-                rows.append(describe(setup))
+        rows = _describe_many(context, ids) if ids else []
         if rows:
             metrics["clients"] = ids
             for key in rows[0]:
@@ -247,6 +242,28 @@ def identify(message: Message, context: Context) -> Message:
     with client_setup(None, context) as setup:
         reply = MetricRecord({"client-id": setup.client_id, **describe(setup)})
     return Message(RecordDict({"metrics": reply}), reply_to=message)
+
+
+def _describe_many(context: Context, ids: list[int]) -> list[dict[str, Any]]:
+    """:func:`describe` for each of ``ids`` (a virtual worker's batched query), with one pristine
+    model for all of them and no private store (nothing is trained or loaded)."""
+    cfg = client_config(context)
+    key = _config_key(context)
+    bad = [c for c in ids if not 0 <= c < cfg.clients.num_clients]
+    if bad:
+        raise ValueError(f"asked to describe clients {bad[:5]}, outside [0, clients.num_clients)")
+    pool = _pool(cfg, key)
+    model = pool.acquire()
+    try:
+        split = worker.cached("splits", key, lambda: ParameterSplit.from_model(model, cfg.method.private))
+        device = resolve_device(str(context.node_config.get("device", cfg.clients.device)))
+        node = dict(context.node_config)
+        return [
+            describe(ClientSetup(cfg, c, model, split, _datasets(cfg, key, c, None), None, device, node))
+            for c in ids
+        ]
+    finally:
+        pool.release(model)
 
 
 def describe(setup: ClientSetup) -> dict[str, Any]:

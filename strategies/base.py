@@ -298,12 +298,14 @@ class PersonalizedStrategy(FedAvg):
             time.sleep(1.0)
         if (len(self.node_to_client), len(self.workers)) == known:
             return  # nobody new
+        identified = time.perf_counter() - started
         if self.workers:
             self._describe_virtual_clients(grid, timeout)
         seconds = time.perf_counter() - started
         if self.recorder is not None:
             self.recorder.set_clients(self.client_info)
-            self.recorder.data.setdefault("discovery_s", []).append(round(seconds, 3))
+            timing = {"total_s": round(seconds, 3), "identify_s": round(identified, 3)}
+            self.recorder.data.setdefault("discovery", []).append(timing)
         devices = {c: n for n, c in self.node_to_client.items() if n >= 0}
         virtual = sum(1 for n in self.node_to_client if n < 0)
         log(
