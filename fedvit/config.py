@@ -190,7 +190,9 @@ class ClientsConfig:
 
     num_clients: int = 3
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # <state_dir>/client-<id>/<method>-<model>-<dataset>; default ~/.cache/fedvit/state/<run-name>/client-<id>
+    # <state_dir>/client-<id>/<method>-<model>-<dataset>; default: in simulation
+    # <run dir>/clients/client-<id>, for a device without node-config state-dir
+    # ~/.cache/fedvit/state/<run-key>/client-<id>
     state_dir: str | None = None
     context_state_max_mb: float = 32.0  # private state above this goes to disk only
 

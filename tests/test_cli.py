@@ -59,8 +59,8 @@ def test_config_json(capsys: pytest.CaptureFixture[str]) -> None:
         (["config", "-c", "alpha"], ["cannot parse 'alpha'"]),
         (["run", str(REPO), "-c", "bogus=1"], ["unknown run-config key"]),
         (
-            ["run", str(REPO), "-c", "num-clients=3", "--federation-config", "num-supernodes=2"],
-            ["num-clients=2"],
+            ["run", str(REPO), "-c", "num-clients=3", "--federation-config", "num-supernodes=4"],
+            ["num-clients=4", "at most one per client"],
         ),
         (["run", str(REPO), "--federation-config", "num-cpus=1"], ["unknown federation-config"]),
         (["run", "/nonexistent/app"], ["not a Flower app"]),

@@ -356,8 +356,8 @@ def test_config_errors_fail_fast_before_anything_starts(tmp_path: Path, mark: st
     assert time.monotonic() - t0 < 1.0
     with pytest.raises(ConfigError, match=r"data\.partition\.alpha"):
         run_flwr(REPO, {"alpha": -1}, cwd=tmp_path)
-    with pytest.raises(ConfigError, match=r"num-supernodes=2 but clients\.num_clients=3"):
-        run_flwr(REPO, {"num-clients": 3}, num_supernodes=2, cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"num-supernodes=4 but clients\.num_clients=3"):
+        run_flwr(REPO, {"num-clients": 3}, num_supernodes=4, cwd=tmp_path)  # workers serve clients: <= N
     assert marked(mark) == []
 
 
