@@ -45,7 +45,7 @@ from fedvit.params import ParameterSplit
 from fedvit.registry import get_client
 from fedvit.state import PrivateStore, default_state_dir
 from fedvit.training import resolve_device
-from fedvit.wire import DESCRIBE, VIRTUAL_WORKER, to_numpy, to_record
+from fedvit.wire import DESCRIBE, VIRTUAL_WORKER, pack_client_info, to_numpy, to_record
 
 app = ClientApp()
 
@@ -76,11 +76,11 @@ def is_virtual_worker(context: Context) -> bool:
     return "partition-id" in node and set(node) <= SIMULATION_KEYS
 
 
-def client_identity(context: Context, cfg: FedvitConfig, message: Message | None = None) -> int:
-    """The client a message is for: a device's node-config ``client-id`` (else Flower's
-    ``partition-id``); a virtual worker serves the message's ``client-id``."""
+def client_identity(context: Context, cfg: FedvitConfig, config: Mapping[str, Any] | None = None) -> int:
+    """The client a message (its ``config``) is for: a device's node-config ``client-id`` (else
+    Flower's ``partition-id``); a virtual worker serves the message's ``client-id``."""
     node = context.node_config
-    sent = _config_dict(message).get("client-id") if message is not None else None
+    sent = (config or {}).get("client-id")
     if is_virtual_worker(context) and sent is not None:
         raw = sent
     else:
@@ -141,6 +141,16 @@ def _pool(cfg: FedvitConfig, key: tuple) -> worker.ModelPool:
     return worker.cached("pools", key, lambda: worker.ModelPool(lambda: build_model(cfg)))
 
 
+def _split(cfg: FedvitConfig, key: tuple, model) -> ParameterSplit:
+    """The configuration's parameter split (the same for every model of its pool)."""
+    return worker.cached("splits", key, lambda: ParameterSplit.from_model(model, cfg.method.private))
+
+
+def _device(context: Context, cfg: FedvitConfig):
+    """The node's ``device`` (node config), else ``clients.device``."""
+    return resolve_device(str(context.node_config.get("device", cfg.clients.device)))
+
+
 def _store_fingerprint(cfg: FedvitConfig, key: tuple, model, split: ParameterSplit) -> str:
     return worker.cached(
         "fingerprints",
@@ -162,9 +172,8 @@ def client_setup(message: Message | None, context: Context) -> Iterator[ClientSe
     The model comes pristine from this process's :class:`~fedvit.worker.ModelPool` and goes back
     when the block ends; datasets and the store fingerprint are reused between messages of the
     same configuration (:mod:`fedvit.worker`); private state is read from the store as always."""
-    cfg = client_config(context)
-    client_id = client_identity(context, cfg, message)
     config = _config_dict(message) if message is not None else {}
+    client_id = client_identity(context, client_config(context), config)
     with setup_for(context, client_id, config) as setup:
         yield setup
 
@@ -179,7 +188,7 @@ def setup_for(context: Context, client_id: int, config: Mapping[str, Any]) -> It
     pool = _pool(cfg, key)
     model = pool.acquire()
     try:
-        split = worker.cached("splits", key, lambda: ParameterSplit.from_model(model, cfg.method.private))
+        split = _split(cfg, key, model)
         data_path = context.node_config.get("data-path")
         data = _datasets(cfg, key, client_id, str(data_path) if data_path else None)
         store = PrivateStore(
@@ -189,8 +198,9 @@ def setup_for(context: Context, client_id: int, config: Mapping[str, Any]) -> It
             context_state=None if is_virtual_worker(context) else context.state,
             context_max_bytes=int(cfg.clients.context_state_max_mb * 2**20),
         )
-        device = resolve_device(str(context.node_config.get("device", cfg.clients.device)))
-        yield ClientSetup(cfg, client_id, model, split, data, store, device, dict(context.node_config))
+        yield ClientSetup(
+            cfg, client_id, model, split, data, store, _device(context, cfg), dict(context.node_config)
+        )
     finally:
         pool.release(model)
 
@@ -232,12 +242,7 @@ def identify(message: Message, context: Context) -> Message:
     if is_virtual_worker(context):
         metrics: dict[str, Any] = {VIRTUAL_WORKER: 1}
         ids = [int(c) for c in config.get(DESCRIBE, [])]
-        rows = _describe_many(context, ids) if ids else []
-        if rows:
-            metrics["clients"] = ids
-            for key in rows[0]:
-                values = [r[key] for r in rows]
-                metrics[key] = [v for vs in values for v in vs] if key.endswith("-hist") else values
+        metrics.update(pack_client_info(ids, _describe_many(context, ids) if ids else []))
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
     with client_setup(None, context) as setup:
         reply = MetricRecord({"client-id": setup.client_id, **describe(setup)})
@@ -255,9 +260,7 @@ def _describe_many(context: Context, ids: list[int]) -> list[dict[str, Any]]:
     pool = _pool(cfg, key)
     model = pool.acquire()
     try:
-        split = worker.cached("splits", key, lambda: ParameterSplit.from_model(model, cfg.method.private))
-        device = resolve_device(str(context.node_config.get("device", cfg.clients.device)))
-        node = dict(context.node_config)
+        split, device, node = _split(cfg, key, model), _device(context, cfg), dict(context.node_config)
         return [
             describe(ClientSetup(cfg, c, model, split, _datasets(cfg, key, c, None), None, device, node))
             for c in ids

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -42,8 +43,7 @@ def decode(array: Array) -> np.ndarray:
         data = array.data
         dtype = np.dtype(array.dtype)
         if data[: len(head)] == head and len(data) - len(head) == dtype.itemsize * int(np.prod(shape)):
-            out = np.frombuffer(data, dtype=dtype, offset=len(head)).reshape(shape)
-            return out
+            return np.frombuffer(data, dtype=dtype, offset=len(head)).reshape(shape)
     return array.numpy()
 
 
@@ -55,6 +55,34 @@ def encode(value: np.ndarray) -> Array:
     head = npy_header(str(value.dtype), tuple(value.shape))
     data = head + value.tobytes()
     return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=NUMPY_STYPE, data=data)
+
+
+def pack_client_info(ids: list[int], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A virtual worker's batched description of clients ``ids`` as ``MetricRecord`` values:
+    ``clients`` lists the ids; every other key holds one value per client, or for ``*-hist`` keys
+    the histograms one after the other (metrics hold flat lists only)."""
+    if not rows:
+        return {}
+    out: dict[str, Any] = {"clients": list(ids)}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        out[key] = [v for vs in values for v in vs] if key.endswith("-hist") else values
+    return out
+
+
+def unpack_client_info(metrics: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """``{client id: {key_with_underscores: value}}`` from :func:`pack_client_info`'s output."""
+    ids = [int(c) for c in metrics.get("clients", [])]
+    out: dict[int, dict[str, Any]] = {c: {} for c in ids}
+    for key, values in metrics.items():
+        if key in ("clients", VIRTUAL_WORKER) or not ids:
+            continue
+        values = list(values) if isinstance(values, list) else [values] * len(ids)
+        width = len(values) // len(ids)
+        for i, c in enumerate(ids):
+            chunk = values[i * width : (i + 1) * width]
+            out[c][key.replace("-", "_")] = chunk if key.endswith("-hist") else chunk[0]
+    return out
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

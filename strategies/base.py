@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from fedvit.params import UpdateError, check_arrays
 from fedvit.registry import method_options, register_strategy
 from fedvit.results import RunRecorder, atomic_write_text
-from fedvit.wire import DESCRIBE, VIRTUAL_WORKER, to_numpy, to_record
+from fedvit.wire import DESCRIBE, VIRTUAL_WORKER, to_numpy, to_record, unpack_client_info
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 
@@ -53,23 +53,6 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 def virtual_address(client_id: int) -> int:
     """The address of a virtual client (negative: never a Flower node id)."""
     return -(client_id + 1)
-
-
-def unpack_client_info(metrics: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
-    """``client_info`` entries from a worker's batched description: ``clients`` lists the ids;
-    every other key holds one value per client, or for ``*-hist`` keys the histograms one after
-    the other."""
-    ids = [int(c) for c in metrics.get("clients", [])]
-    out: dict[int, dict[str, Any]] = {c: {} for c in ids}
-    for key, values in metrics.items():
-        if key in ("clients", VIRTUAL_WORKER) or not ids:
-            continue
-        values = list(values) if isinstance(values, list) else [values] * len(ids)
-        width = len(values) // len(ids)
-        for i, c in enumerate(ids):
-            chunk = values[i * width : (i + 1) * width]
-            out[c][key.replace("-", "_")] = chunk if key.endswith("-hist") else chunk[0]
-    return out
 
 
 class RoundFailedError(RuntimeError):
@@ -449,12 +432,17 @@ class PersonalizedStrategy(FedAvg):
         ids = list(grid.push_messages(sent))
         return {mid: addresses[id(m)] for mid, m in zip(ids, sent, strict=True)}
 
-    def pull(self, grid: Grid, sent: Mapping[str, int]) -> list[Message]:
-        """``grid.pull_messages`` for ``sent`` (from :meth:`push`), each reply re-addressed."""
+    def readdressed(self, replies: Iterable[Message], sent: Mapping[str, int]) -> list[Message]:
+        """Each reply :meth:`readdress`-ed to the address its message was for (``sent``: message
+        id -> address); a reply to no known message keeps its source."""
         return [
             self.readdress(r, sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id))
-            for r in grid.pull_messages(list(sent))
+            for r in replies
         ]
+
+    def pull(self, grid: Grid, sent: Mapping[str, int]) -> list[Message]:
+        """``grid.pull_messages`` for ``sent`` (from :meth:`push`), each reply re-addressed."""
+        return self.readdressed(grid.pull_messages(list(sent)), sent)
 
     def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
         """``grid.send_and_receive`` with routing (:meth:`route`) that remembers which client each
@@ -468,10 +456,7 @@ class PersonalizedStrategy(FedAvg):
             self._sent = {m.metadata.message_id: addresses[id(m)] for m in sent}
             answered = {r.metadata.reply_to_message_id for r in replies}
             self._unanswered = [n for mid, n in self._sent.items() if mid not in answered]
-            replies = [
-                self.readdress(r, self._sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id))
-                for r in replies
-            ]
+            replies = self.readdressed(replies, self._sent)
         else:  # a grid that leaves message ids unset: match replies by their source (devices only)
             self._sent = {}
             sources = {r.metadata.src_node_id for r in replies}

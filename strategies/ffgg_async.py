@@ -195,7 +195,6 @@ class AsyncFFGGStrategy(FFGGStrategy):
         self.discover(grid, timeout)
         rng = random.Random(self.seed * 1_000_033 + start_round)
         in_flight: dict[int, tuple[str, int]] = {}  # client address -> (message id, version sent)
-        sent: dict[str, int] = {}  # message id -> client address (see PersonalizedStrategy.push)
         idle = [n for n in self._live_nodes(grid)]
         rng.shuffle(idle)
         rnd, t0, round_updates, round_losses = start_round, time.time(), {}, []
@@ -207,15 +206,14 @@ class AsyncFFGGStrategy(FFGGStrategy):
             while idle and len(in_flight) < self.options.concurrency:
                 node = idle.pop(0)
                 msg = self.train_message(rnd, node, to_record(x), train_config)
-                ((mid, address),) = self.push(grid, [msg]).items()
-                sent[mid] = address
+                ((mid, _),) = self.push(grid, [msg]).items()
                 in_flight[node] = (mid, self.version)
 
         hand_out()
         while rnd <= num_rounds:
             if not in_flight:
                 raise RoundFailedError(f"round {rnd}: no client left to train; " + "; ".join(failures[:3]))
-            replies = self.pull(grid, {mid: sent[mid] for mid, _ in in_flight.values()})
+            replies = self.pull(grid, self._awaited(in_flight))
             if not replies:
                 if time.time() > deadline:
                     raise TimeoutError(f"round {rnd}: no reply within server.round_timeout={timeout}s")
@@ -255,7 +253,7 @@ class AsyncFFGGStrategy(FFGGStrategy):
                         break
             if rnd <= num_rounds:
                 hand_out()
-        self._drain(grid, in_flight, sent)
+        self._drain(grid, in_flight)
         result.arrays = to_record(x)
         return result
 
@@ -289,13 +287,16 @@ class AsyncFFGGStrategy(FFGGStrategy):
         self._progress(rnd, train, eval_metrics, time.time() - t0)
         return arrays
 
-    def _drain(
-        self, grid: Grid, in_flight: dict[int, tuple[str, int]], sent: dict[str, int], wait: float = 30.0
-    ) -> None:
+    @staticmethod
+    def _awaited(in_flight: dict[int, tuple[str, int]]) -> dict[str, int]:
+        """Message id -> client address of the messages in flight (what :meth:`pull` needs)."""
+        return {mid: address for address, (mid, _) in in_flight.items()}
+
+    def _drain(self, grid: Grid, in_flight: dict[int, tuple[str, int]], wait: float = 30.0) -> None:
         """Collect (and discard) replies still in flight, so no client is cut off mid-message."""
         end = time.time() + wait
         while in_flight and time.time() < end:
-            for reply in self.pull(grid, {mid: sent[mid] for mid, _ in in_flight.values()}):
+            for reply in self.pull(grid, self._awaited(in_flight)):
                 in_flight.pop(reply.metadata.src_node_id, None)
             if in_flight:
                 time.sleep(0.05)

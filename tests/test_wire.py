@@ -55,3 +55,19 @@ def test_records_round_trip_by_name() -> None:
     assert list(back) == ["a", "b"]
     for k in arrays:
         np.testing.assert_array_equal(back[k], arrays[k])
+
+
+def test_a_batched_client_description_round_trips_through_flat_metric_lists() -> None:
+    from fedvit.wire import pack_client_info, unpack_client_info
+
+    rows = [
+        {"num-train": 10, "train-hist": [7, 3], "tier": 2},
+        {"num-train": 4, "train-hist": [0, 4], "tier": 4},
+    ]
+    packed = pack_client_info([5, 9], rows)
+    assert packed["train-hist"] == [7, 3, 0, 4]  # metric records hold flat lists only
+    assert unpack_client_info(packed) == {
+        5: {"num_train": 10, "train_hist": [7, 3], "tier": 2},
+        9: {"num_train": 4, "train_hist": [0, 4], "tier": 4},
+    }
+    assert pack_client_info([], []) == {}
