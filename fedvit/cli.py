@@ -222,12 +222,45 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="which round: the last, or the one with the best mean validation accuracy",
     )
     p.add_argument("--csv", type=Path, metavar="FILE", help="also write the rows as CSV")
+    p.add_argument(
+        "--paper",
+        metavar="NAME|FILE.yaml",
+        help="put a published table beside the runs, grouped by method over seeds (last round): "
+        "conf/paper/<NAME>.yaml (e.g. fedperfix-table2) or a YAML path; prints both rank orders and "
+        "Kendall's tau",
+    )
+    p.add_argument(
+        "--paper-dataset",
+        metavar="COLUMN",
+        help="the paper's column to compare with (default: the one holding the runs' dataset)",
+    )
+    p.add_argument(
+        "--curves",
+        type=Path,
+        metavar="FILE.png",
+        help="write accuracy vs round of every method (mean over seeds, min-max band; rounds where "
+        "every client was evaluated)",
+    )
     p.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fedvit.report import ReportError, collect, to_csv, to_markdown
+    from fedvit.report import ReportError, collect, report_methods, to_csv, to_markdown
 
+    if args.paper or args.curves or args.paper_dataset:  # runs grouped by method over seeds
+        try:
+            if args.select != "last":
+                raise ReportError("--paper and --curves report the last round (--select last)")
+            rows, text = report_methods(
+                args.run_dirs, paper=args.paper, paper_dataset=args.paper_dataset, curves=args.curves
+            )
+        except ReportError as err:
+            _err(f"error: {err}")
+            return EXIT_CONFIG
+        print(text, end="")
+        if args.csv:
+            args.csv.write_text(to_csv(rows))
+        return 0
     if len(args.run_dirs) == 1 and (args.run_dirs[0] / "sweep.json").is_file():
         from fedvit.sweep import report_sweep
 

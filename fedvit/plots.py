@@ -7,6 +7,7 @@ with a legend entry "sampled (k of N clients)".
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,5 +154,63 @@ def plot_run(data: dict[str, Any], run_dir: Path) -> list[Path]:
     fig.tight_layout()
     out.append(run_dir / "clients.png")
     fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- methods over seeds
+
+
+def seed_curve(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Test accuracy (unweighted mean over clients) per round of one configuration's runs (one per
+    seed): ``mean``, ``lo`` and ``hi`` (min and max) over seeds at each round in ``rounds``, the
+    rounds every run evaluated on **every** client. Rounds evaluated on a sample of the clients in
+    any run are left out (``sampled_rounds``): their means are over another subset of clients."""
+    per_run: list[dict[int, float]] = []
+    sampled: set[int] = set()
+    for data in results:
+        full: dict[int, float] = {}
+        for r in _evaluated(dict(data)):
+            if eval_mode(r) == "full":
+                full[r["round"]] = float(r["eval"]["test_acc"]["mean"])
+            else:
+                sampled.add(r["round"])
+        per_run.append(full)
+    rounds = sorted(set.intersection(*(set(f) for f in per_run))) if per_run else []
+    values = [[f[x] for f in per_run] for x in rounds]
+    return {
+        "rounds": rounds,
+        "mean": [sum(v) / len(v) for v in values],
+        "lo": [min(v) for v in values],
+        "hi": [max(v) for v in values],
+        "seeds": len(per_run),
+        "sampled_rounds": sorted(sampled),
+    }
+
+
+def plot_curves(curves: Mapping[str, Mapping[str, Any]], out: Path, title: str = "") -> Path:
+    """One line per configuration (``curves``: label -> :func:`seed_curve`): mean test accuracy over
+    seeds per full-evaluation round, with a min–max band over seeds; writes ``out`` (PNG)."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    colors = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
+    for i, (label, c) in enumerate(curves.items()):
+        color = colors(i % colors.N)
+        ax.plot(c["rounds"], c["mean"], color=color, lw=1.5, label=f"{label} ({c['seeds']} seeds)")
+        if c["seeds"] > 1:
+            ax.fill_between(c["rounds"], c["lo"], c["hi"], color=color, alpha=0.15, lw=0)
+    sampled = sorted({x for c in curves.values() for x in c["sampled_rounds"]})
+    note = "band: min–max over seeds; rounds where every client was evaluated"
+    if sampled:
+        note += f" ({len(sampled)} rounds evaluated on a sample of clients left out)"
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("client top-1 test accuracy, mean over clients")
+    ax.set_title(f"{title}\n{note}" if title else note, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
