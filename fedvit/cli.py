@@ -149,7 +149,7 @@ def _add_partition(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_partition(args: argparse.Namespace) -> int:
     from fedvit.config import load_config
-    from fedvit.data import format_partition_table, summarize_partition
+    from fedvit.data import describe_protocol, format_partition_table, summarize_partition
     from fedvit.preflight import check
 
     cfg = load_config(_run_config(args))
@@ -158,7 +158,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    title = f"{cfg.data.name}: {cfg.data.partition.kind} over {cfg.clients.num_clients} clients"
+    title = f"{cfg.data.name}: {describe_protocol(cfg)}"
     table = format_partition_table(summary, top=args.top, title=title)
     if isinstance(table, str):
         print(table)

@@ -61,6 +61,12 @@ class PartitionConfig:
     min_size: int = 10  # dirichlet: minimum training examples per client
     classes_per_client: int = 2  # pathological
     id_key: str = "writer"  # natural: the column holding the natural client id
+    self_balancing: bool = False  # dirichlet: a client above the mean size gets no more classes
+    # Protocol. false: the train split is partitioned and the official test split is redistributed by
+    # each client's labels. true (FedPerfix / PFLlib): the official splits (train, val, test) are
+    # pooled, partitioned, and each client's share is split into its own train / test.
+    pool: bool = False
+    test_fraction: float = 0.25  # pool: share of each client's examples that is its test set
 
 
 @dataclass
@@ -474,6 +480,9 @@ def validate(cfg: FedvitConfig) -> None:
     )
     _check(p.alpha > 0, "data.partition.alpha", f"must be > 0, got {p.alpha}")
     _check(p.min_size >= 0, "data.partition.min_size", "must be >= 0")
+    _check(
+        0 < p.test_fraction < 1, "data.partition.test_fraction", f"must be in (0, 1), got {p.test_fraction}"
+    )
     _check(
         1 <= p.classes_per_client <= d.num_classes,
         "data.partition.classes_per_client",

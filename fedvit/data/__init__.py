@@ -3,6 +3,7 @@
 load_source(cfg.data)              -> SourceData (native-size uint8 images or int64 token sequences,
                                       int64 labels, ids)
 build_partition(cfg)               -> Partition (per-client train / val / test indices, cached)
+client_source(cfg)                 -> SourceData the indices point into (pooled splits by data.partition.pool)
 load_client_datasets(cfg, cid)     -> ClientDatasets (torch datasets: images resized + normalized on the
                                       fly, or token sequences for data.modality 'text')
 summarize_partition(cfg)           -> list of per-client dicts; format_partition_table(...) -> rich Table
@@ -23,6 +24,8 @@ from fedvit.data.partition import (
     build_partition,
     cache_path,
     clear_memory_cache,
+    client_source,
+    describe_protocol,
     partition_fingerprint,
     prepared_source,
     with_test_split,
@@ -56,7 +59,9 @@ __all__ = [
     "clear_all_caches",
     "clear_caches",
     "clear_memory_cache",
+    "client_source",
     "dataset_factory",
+    "describe_protocol",
     "format_partition_table",
     "load_client_datasets",
     "load_source",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from fedvit.config import FedvitConfig, model_img_size
-from fedvit.data.partition import build_partition, local_client_indices, prepared_source
+from fedvit.data.partition import build_partition, client_source, local_client_indices
 from fedvit.data.store import DataError, Split
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
@@ -146,17 +146,18 @@ def load_client_datasets(
     Without ``data_path`` the client's share of the federation-wide partition (see
     :mod:`fedvit.data.partition`). With ``data_path`` (a device's node-config ``data-path``) the whole
     source at that path is this client's data: its train split gives train and val, its test split
-    (or a seeded hold-out of ``data.test_fraction``) gives test.
+    (or a seeded hold-out of ``data.test_fraction``) gives test; by the pooled protocol
+    (``data.partition.pool``) its pooled splits are cut as one client's share is.
     """
     if isinstance(client_id, bool) or not isinstance(client_id, int | np.integer) or client_id < 0:
         raise DataError(f"client id must be an integer >= 0, got {client_id!r}")
     client_id = int(client_id)
     if data_path:
-        source = prepared_source(cfg, data_path)
+        source = client_source(cfg, data_path)
         idx = local_client_indices(cfg, source, client_id)
     else:
         idx = build_partition(cfg).client(client_id)
-        source = prepared_source(cfg)
+        source = client_source(cfg)
     assert source.test is not None
     make = dataset_factory(cfg)
     return ClientDatasets(

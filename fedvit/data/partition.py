@@ -23,6 +23,15 @@ disjoint). Clients that together hold the whole training split share the whole t
 sub-sampled federations get a proportionally smaller test set. ``natural`` partitions whose test
 split carries the same ids (LEAF FEMNIST) give each client its own writer's test examples instead.
 
+The pooled protocol (``data.partition.pool: true``; FedPerfix / PFLlib, FL-bench alike) instead
+pools the dataset's official splits (train, then val where the source has one, then test) into one
+split, partitions that with the partitioner above (so ``data.partition.min_size`` counts a client's
+pooled examples, and a Dirichlet draw that leaves a client below it is re-drawn), and splits each
+client's share into its own test set (``data.partition.test_fraction``, default 0.25, stratified
+by label, seeded, at least one example of each side when the client has two) and the rest, from
+which the cap and ``data.val_fraction`` are taken exactly as above. All indices then index the
+pooled split; no example is in two clients or in two of a client's splits.
+
 Partitions are cached on disk as index arrays (npz) under ``data.cache_dir`` (default
 ``~/.cache/fedvit/partitions``), keyed by a fingerprint of everything that decides them, and in memory
 per process. Writes are atomic; an unreadable or inconsistent cache file is rebuilt.
@@ -46,15 +55,17 @@ import numpy as np
 
 from fedvit.config import DataConfig, FedvitConfig, fingerprint
 from fedvit.data.sources import load_source, source_identity
-from fedvit.data.store import DataError, SourceData, Split
+from fedvit.data.store import ConcatStore, DataError, SourceData, Split
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 # Independent random streams, all derived from cfg.seed.
-_HOLDOUT, _IID, _NATURAL, _CLIENT, _TEST = range(1, 6)
+_HOLDOUT, _IID, _NATURAL, _CLIENT, _TEST, _POOLED_TEST = range(1, 7)
 
 _MEMORY: dict[str, Partition] = {}
+# Pooled splits per loaded source (keyed by the ids of its splits, which it keeps alive).
+_POOLED: dict[tuple[int, ...], tuple[tuple[Split, ...], Split]] = {}
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,58 @@ def prepared_source(cfg: FedvitConfig, path_override: str | None = None) -> Sour
     return source
 
 
+def pool_splits(source: SourceData) -> Split:
+    """The source's official splits end to end: train, then val (if any), then test (if any)."""
+    parts = tuple(s for s in (source.train, source.val, source.test) if s is not None and len(s))
+    if len(parts) == 1:
+        return parts[0]
+    key = tuple(id(s) for s in parts)
+    if key not in _POOLED:
+        ids = None if any(s.ids is None for s in parts) else np.concatenate([s.ids for s in parts])  # type: ignore[misc]
+        pooled = Split(ConcatStore([s.images for s in parts]), np.concatenate([s.labels for s in parts]), ids)
+        if len(_POOLED) >= 4:
+            _POOLED.pop(next(iter(_POOLED)))
+        _POOLED[key] = (parts, pooled)
+    return _POOLED[key][1]
+
+
+def client_source(cfg: FedvitConfig, path_override: str | None = None) -> SourceData:
+    """The splits that clients' indices point into.
+
+    By default :func:`prepared_source`. With ``data.partition.pool`` the pooled split
+    (:func:`pool_splits`) serves as both ``train`` and ``test`` (``info["pooled"]`` gives the sizes of
+    the official splits in it).
+    """
+    if not cfg.data.partition.pool:
+        return prepared_source(cfg, path_override)
+    source = load_source(cfg.data, path_override)
+    pooled = pool_splits(source)
+    if len(pooled) and (pooled.labels.min() < 0 or pooled.labels.max() >= cfg.data.num_classes):
+        raise DataError(
+            f"key 'data.num_classes': the pooled splits of '{cfg.data.name}' have labels "
+            f"{pooled.labels.min()}..{pooled.labels.max()}, but data.num_classes is {cfg.data.num_classes}"
+        )
+    official = (("train", source.train), ("val", source.val), ("test", source.test))
+    sizes = {name: len(split) for name, split in official if split is not None}
+    info = {**source.info, "pooled": sizes}
+    return SourceData(source.name, pooled, pooled, source.class_names, info)
+
+
+def describe_protocol(cfg: FedvitConfig) -> str:
+    """One line on how ``cfg`` splits the data, e.g. for ``fedvit partition``'s title."""
+    p, k = cfg.data.partition, cfg.clients.num_clients
+    what = {
+        "iid": "iid",
+        "dirichlet": f"dirichlet(alpha={p.alpha}, min_size={p.min_size})",
+        "pathological": f"pathological({p.classes_per_client} classes per client)",
+        "natural": f"natural ids '{p.id_key}'",
+    }.get(p.kind, p.kind)
+    if p.pool:
+        train = round(100 * (1 - p.test_fraction))
+        return f"{what} over {k} clients, pooled splits, {train}/{100 - train} train/test per client"
+    return f"{what} over {k} clients, official test split shared out by label"
+
+
 # --------------------------------------------------------------------------- partitioners
 
 
@@ -193,7 +256,7 @@ def _make_partitioner(cfg: FedvitConfig, train: Split) -> tuple[Any, np.ndarray]
         if p.min_size * k > len(train):
             raise DataError(
                 f"key 'data.partition.min_size': {k} clients x min_size {p.min_size} > {len(train)} "
-                f"training examples; lower data.partition.min_size or clients.num_clients"
+                f"{_examples(cfg)} examples; lower data.partition.min_size or clients.num_clients"
             )
         return (
             fp.DirichletPartitioner(
@@ -201,6 +264,7 @@ def _make_partitioner(cfg: FedvitConfig, train: Split) -> tuple[Any, np.ndarray]
                 partition_by="label",
                 alpha=float(p.alpha),
                 min_partition_size=p.min_size,
+                self_balancing=p.self_balancing,
                 seed=cfg.seed,
             ),
             order,
@@ -232,6 +296,11 @@ def _make_partitioner(cfg: FedvitConfig, train: Split) -> tuple[Any, np.ndarray]
     raise DataError(f"key 'data.partition.kind': unknown partition kind '{p.kind}'")
 
 
+def _examples(cfg: FedvitConfig) -> str:
+    """What the partitioner splits: the training split, or the pooled splits (pooled protocol)."""
+    return "pooled" if cfg.data.partition.pool else "training"
+
+
 def _partition_error(cfg: FedvitConfig, n: int, err: Exception) -> DataError:
     p, k = cfg.data.partition, cfg.clients.num_clients
     keys, params = {
@@ -247,7 +316,7 @@ def _partition_error(cfg: FedvitConfig, n: int, err: Exception) -> DataError:
         "natural": ("'clients.num_clients'", f" (id_key={p.id_key})"),
     }[p.kind]
     return DataError(
-        f"key {keys}: cannot make a {p.kind} partition of {n} training examples over {k} clients"
+        f"key {keys}: cannot make a {p.kind} partition of {n} {_examples(cfg)} examples over {k} clients"
         f"{params}: {err}"
     )
 
@@ -256,7 +325,9 @@ def split_train(cfg: FedvitConfig, train: Split) -> tuple[list[np.ndarray], list
     """Each client's partition of the train split (indices), and its natural id for ``natural``."""
     k, kind = cfg.clients.num_clients, cfg.data.partition.kind
     if k > len(train):
-        raise DataError(f"key 'clients.num_clients': {k} clients but only {len(train)} training examples")
+        raise DataError(
+            f"key 'clients.num_clients': {k} clients but only {len(train)} {_examples(cfg)} examples"
+        )
     partitioner, order = _make_partitioner(cfg, train)
     partitioner.dataset = _labels_dataset(
         train, cfg.data.partition.id_key if kind == "natural" else None, order
@@ -283,7 +354,7 @@ def split_train(cfg: FedvitConfig, train: Split) -> tuple[list[np.ndarray], list
             raise _partition_error(cfg, len(train), err) from err
     empty = [i for i, part in enumerate(parts) if len(part) == 0]
     if empty:
-        raise _partition_error(cfg, len(train), ValueError(f"clients {empty} get no training example"))
+        raise _partition_error(cfg, len(train), ValueError(f"clients {empty} get no example"))
     natural = (
         [str(partitioner.partition_id_to_natural_id[int(i)]) for i in pids] if kind == "natural" else None
     )
@@ -329,10 +400,32 @@ def allocate_test(
     ]
 
 
+def pooled_client_split(
+    labels: np.ndarray, part: np.ndarray, cfg: FedvitConfig, client_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One client's share of the pooled split -> sorted (train, val, test) indices.
+
+    ``data.partition.test_fraction`` of it (stratified, seeded per client; at least one example on
+    each side when it has two) is its test set; the cap and val are taken from the rest as
+    :func:`train_val_split` does in the default protocol.
+    """
+    n, frac = len(part), cfg.data.partition.test_fraction
+    n_test = 0 if n < 2 else min(max(round(frac * n), 1), n - 1)
+    test_pos = stratified_sample(labels[part], n_test, _rng(cfg.seed, _POOLED_TEST, client_id))
+    rest = np.ones(n, dtype=bool)
+    rest[test_pos] = False
+    train, val = train_val_split(labels, np.sort(part[rest]), cfg.data, _rng(cfg.seed, _CLIENT, client_id))
+    return train, val, np.sort(part[test_pos]).astype(np.int64)
+
+
 def compute_partition(cfg: FedvitConfig, source: SourceData, fp: str = "") -> Partition:
-    """Build a partition from scratch (no cache)."""
+    """Build a partition from scratch (no cache); ``source`` as :func:`client_source` gives it."""
     assert source.test is not None
     labels = source.train.labels
+    if cfg.data.partition.pool:
+        parts, natural = split_train(cfg, source.train)
+        split3 = [pooled_client_split(labels, part, cfg, k) for k, part in enumerate(parts)]
+        return Partition(fp, *([s[i] for s in split3] for i in range(3)), natural)
     parts, natural = split_train(cfg, source.train)
     splits = [
         train_val_split(labels, part, cfg.data, _rng(cfg.seed, _CLIENT, k)) for k, part in enumerate(parts)
@@ -347,9 +440,13 @@ def compute_partition(cfg: FedvitConfig, source: SourceData, fp: str = "") -> Pa
 
 
 def local_client_indices(cfg: FedvitConfig, source: SourceData, client_id: int) -> ClientIndices:
-    """A device that owns a whole source: all its train split (minus val) and all its test split."""
+    """A device that owns a whole source: all its train split (minus val) and all its test split; by
+    the pooled protocol (``source`` from :func:`client_source`), its pooled splits cut as one client's."""
     assert source.test is not None
     n = len(source.train)
+    if cfg.data.partition.pool:
+        train, val, test = pooled_client_split(source.train.labels, np.arange(n), cfg, client_id)
+        return ClientIndices(train, val, test)
     train, val = train_val_split(
         source.train.labels, np.arange(n), cfg.data, _rng(cfg.seed, _CLIENT, client_id)
     )
@@ -362,12 +459,18 @@ def local_client_indices(cfg: FedvitConfig, source: SourceData, client_id: int) 
 def partition_fingerprint(cfg: FedvitConfig, path_override: str | None = None) -> str:
     """Hash of everything a partition depends on (dataset, files, partition config, clients, seed)."""
     d = cfg.data
+    partition = dataclasses.asdict(d.partition)
+    # Options at their defaults leave the hash (and so the caches made before them) as it was.
+    if not partition["pool"]:
+        del partition["pool"], partition["test_fraction"]
+    if not partition["self_balancing"]:
+        del partition["self_balancing"]
     return fingerprint(
         {
             "version": CACHE_VERSION,
             "name": d.name,
             "source": source_identity(d, path_override),
-            "partition": dataclasses.asdict(d.partition),
+            "partition": partition,
             "num_classes": d.num_classes,
             "val_fraction": d.val_fraction,
             "test_fraction": d.test_fraction,
@@ -385,7 +488,8 @@ def cache_path(cfg: FedvitConfig, fp: str) -> Path:
         else Path.home() / ".cache/fedvit/partitions"
     )
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cfg.data.name)
-    return root / f"{safe}-{cfg.data.partition.kind}-{cfg.clients.num_clients}c-{fp}.npz"
+    kind = cfg.data.partition.kind + ("-pooled" if cfg.data.partition.pool else "")
+    return root / f"{safe}-{kind}-{cfg.clients.num_clients}c-{fp}.npz"
 
 
 def _pack(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -398,7 +502,7 @@ def _unpack(flat: np.ndarray, ptr: np.ndarray) -> list[np.ndarray]:
     return [flat[ptr[i] : ptr[i + 1]] for i in range(len(ptr) - 1)]
 
 
-def write_cache(path: Path, part: Partition, n_train: int, n_test: int) -> None:
+def write_cache(path: Path, part: Partition, n_train: int, n_test: int, pooled: bool = False) -> None:
     """Atomically write ``part`` as index arrays (tmp file + ``os.replace``)."""
     meta = {
         "version": CACHE_VERSION,
@@ -407,6 +511,7 @@ def write_cache(path: Path, part: Partition, n_train: int, n_test: int) -> None:
         "n_train": n_train,
         "n_test": n_test,
         "natural_ids": part.natural_ids,
+        "pooled": pooled,
     }
     arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
     for name in ("train", "val", "test"):
@@ -440,6 +545,8 @@ def read_cache(path: Path, fp: str, n_train: int, n_test: int) -> Partition | No
             raise ValueError("sizes do not match the data")
         _check_indices(split["train"] + split["val"], n_train, "train/val")
         _check_indices(split["test"], n_test, "test")
+        if meta.get("pooled"):  # train, val and test index one split: disjoint all together
+            _check_indices(split["train"] + split["val"] + split["test"], n_train, "pooled")
         return Partition(fp, split["train"], split["val"], split["test"], meta["natural_ids"])
     except Exception as err:  # a corrupted or foreign file: never trust it
         log.warning("partition cache %s is invalid (%s); rebuilding it", path, err)
@@ -459,14 +566,14 @@ def build_partition(cfg: FedvitConfig) -> Partition:
     fp = partition_fingerprint(cfg)
     if fp in _MEMORY:
         return _MEMORY[fp]
-    source = prepared_source(cfg)
+    source = client_source(cfg)
     assert source.test is not None
     path = cache_path(cfg, fp)
     part = read_cache(path, fp, len(source.train), len(source.test))
     if part is None:
         part = compute_partition(cfg, source, fp)
         try:
-            write_cache(path, part, len(source.train), len(source.test))
+            write_cache(path, part, len(source.train), len(source.test), cfg.data.partition.pool)
         except OSError as err:  # a read-only cache dir must not stop a run
             log.warning("cannot write partition cache %s: %s", path, err)
     _MEMORY[fp] = part
@@ -474,5 +581,6 @@ def build_partition(cfg: FedvitConfig) -> Partition:
 
 
 def clear_memory_cache() -> None:
-    """Forget partitions built in this process (the disk cache stays)."""
+    """Forget partitions and pooled splits built in this process (the disk cache stays)."""
     _MEMORY.clear()
+    _POOLED.clear()

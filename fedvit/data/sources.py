@@ -8,11 +8,13 @@ Sources (``data.source``):
                     (train only), or a ``Dataset(Dict).save_to_disk`` folder.
 ``medmnist-npz``    the official MedMNIST npz. Official ``train`` is the train split, ``test`` the test
                     split; the official ``val`` split is **not used** (each client's validation set is
-                    carved from its own training partition instead), so split sizes stay official.
+                    carved from its own training partition instead), so split sizes stay official,
+                    except by the pooled protocol (``data.partition.pool``), which pools all three.
 ``femnist-npz``     ``x_*`` / ``y_*`` / optional ``u_*`` (writer ids) npz, e.g. the LEAF FEMNIST subset
                     (also fits ``cifar100_subset.npz``).
 ``hub``             ``datasets.load_dataset(data.hub_id, data.hub_config)``: ``train`` and (if present)
-                    ``test``. With a node-config ``data-path`` the same schema is read from local files.
+                    ``test`` (and ``validation`` / ``val`` / ``valid``, used only by the pooled protocol).
+                    With a node-config ``data-path`` the same schema is read from local files.
 ``leaf-shakespeare`` (text) ``{"train": LEAF-json, "test": LEAF-json}``, gzipped or not: token sequences
                     of LEAF's 80-character vocabulary, speakers as natural ids (:mod:`fedvit.data.text`).
 
@@ -38,6 +40,7 @@ from fedvit.data.store import ArrayStore, DataError, EncodedStore, ImageStore, S
 from fedvit.data.text import load_leaf_shakespeare
 
 SPLIT_NAMES = ("train", "test")
+VAL_NAMES = ("validation", "val", "valid")  # an official validation split (pooled protocol only)
 
 
 # --------------------------------------------------------------------------- paths
@@ -141,7 +144,7 @@ def load_source(cfg: DataConfig, path_override: str | None = None) -> SourceData
                 f"key 'data.seq_len': the {name} sequences of {path} have {store.seq_len} tokens, "
                 f"but data.seq_len is {cfg.seq_len}"
             )
-    return SourceData(cfg.name, data.train, data.test, data.class_names, dict(data.info))
+    return SourceData(cfg.name, data.train, data.test, data.class_names, dict(data.info), val=data.val)
 
 
 def clear_caches() -> None:
@@ -201,7 +204,7 @@ def _load_npz(path: Path | None, images_key: str, labels_key: str, ids_key: str 
         raise DataError(f"key 'data.path': cannot read {path} as npz: {err}") from err
     with npz:
         splits: dict[str, Split] = {}
-        for split in SPLIT_NAMES:
+        for split in (*SPLIT_NAMES, "val"):
             ik, lk = images_key.format(split=split), labels_key.format(split=split)
             if ik not in npz.files or lk not in npz.files:
                 if split == "train":
@@ -222,7 +225,7 @@ def _load_npz(path: Path | None, images_key: str, labels_key: str, ids_key: str 
             )
             splits[split] = Split(ArrayStore(npz[ik]), labels, ids)
         names = [str(c) for c in npz["classes"]] if "classes" in npz.files else None
-    return SourceData(path.stem, splits["train"], splits.get("test"), names)
+    return SourceData(path.stem, splits["train"], splits.get("test"), names, val=splits.get("val"))
 
 
 # --------------------------------------------------------------------------- Hugging Face sources
@@ -259,8 +262,12 @@ def _from_dataset_dict(dd: Any, where: str, image_key: str, label_key: str, id_k
         for name in SPLIT_NAMES
         if name in dd
     }
+    val_name = next((name for name in VAL_NAMES if name in dd), None)
+    if val_name is not None:
+        table = dd[val_name].with_format("arrow")[:]
+        splits["val"] = _split_from_table(table, image_key, label_key, id_key, where)
     names = _class_names(dd["train"].features, label_key)
-    return SourceData(where, splits["train"], splits.get("test"), names)
+    return SourceData(where, splits["train"], splits.get("test"), names, val=splits.get("val"))
 
 
 def _load_local_hf(path: Path | None, image_key: str, label_key: str, id_key: str) -> SourceData:
@@ -280,11 +287,12 @@ def _load_local_hf(path: Path | None, image_key: str, label_key: str, id_key: st
         splits[split] = _split_from_table(table, image_key, label_key, id_key, str(path))
         if names is None:
             names = _class_names(_features_of(table.schema), label_key)
-    return SourceData(path.stem, splits["train"], splits.get("test"), names)
+    return SourceData(path.stem, splits["train"], splits.get("test"), names, val=splits.get("val"))
 
 
 def _parquet_files(path: Path) -> dict[str, list[Path]]:
-    """``{"train": [...], "test": [...]}`` from file or folder names (``valid*`` files are ignored)."""
+    """``{"train": [...], "test": [...], "val": [...]}`` from file or folder names (``validation``,
+    ``val`` or ``valid`` give ``val``, which only the pooled protocol uses)."""
     if path.is_file():
         return {"train": [path]}
     found = sorted(path.rglob("*.parquet"))
@@ -293,7 +301,9 @@ def _parquet_files(path: Path) -> dict[str, list[Path]]:
     files: dict[str, list[Path]] = {}
     for p in found:
         tags = [p.stem.split("-")[0].split("_")[0], *(part for part in p.relative_to(path).parts[:-1])]
-        split = next((s for s in SPLIT_NAMES if s in tags), None)
+        split = next((s for s in SPLIT_NAMES if s in tags), None) or (
+            "val" if any(t in VAL_NAMES for t in tags) else None
+        )
         if split is not None:
             files.setdefault(split, []).append(p)
     if "train" not in files:

@@ -122,6 +122,24 @@ class IndexedStore(SampleStore):
         return self.base[int(self.indices[i])]
 
 
+class ConcatStore(SampleStore):
+    """Several stores end to end (pooled splits); no copy, each part keeps its own memo."""
+
+    def __init__(self, parts: list[SampleStore]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0, *(len(part) for part in parts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        j = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[j][i - int(self.starts[j])]
+
+
 @dataclass
 class Split:
     """One split of a source: samples (``images``: images or token sequences), ``int64`` labels and
@@ -160,3 +178,4 @@ class SourceData:
     class_names: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # where it came from (for messages, cache keys)
     test_held_out: bool = False  # True: ``test`` was carved from the source's train split
+    val: Split | None = None  # the official validation split, if any (used only when pooling)

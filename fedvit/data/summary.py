@@ -8,7 +8,7 @@ import numpy as np
 from rich.table import Table
 
 from fedvit.config import FedvitConfig
-from fedvit.data.partition import build_partition, prepared_source
+from fedvit.data.partition import build_partition, client_source
 
 
 def summarize_partition(cfg: FedvitConfig) -> list[dict[str, Any]]:
@@ -16,7 +16,7 @@ def summarize_partition(cfg: FedvitConfig) -> list[dict[str, Any]]:
     (label histograms as lists of length ``data.num_classes``) and, for natural partitions, ``natural_id``.
     """
     part = build_partition(cfg)
-    source = prepared_source(cfg)
+    source = client_source(cfg)  # by the pooled protocol, train and test are the pooled split
     assert source.test is not None
     c = cfg.data.num_classes
     rows = []
