@@ -6,6 +6,7 @@
     fedvit config [--run-config "k=v ..."]... [--json]
     fedvit bench pfedla-memory [--clients N ...] [--overrides "k=v ..."] [--out FILE.json]
     fedvit bench round [--run-config "k=v ..."]... [--app DIR] [--skip-floor] [--skip-bound] [--out FILE.json]
+    fedvit alpha RUN_DIR [--out FILE.png] [--used]
 
 ``--run-config`` takes Flower's syntax (``"method='fedper' num-server-rounds=5"``, or a ``.toml``
 file) and may be repeated; later values win. Bare words are strings (``method=fedper``).
@@ -546,6 +547,50 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- alpha (pFedLA)
+
+
+def _add_alpha(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "alpha",
+        help="heatmaps of a pFedLA run's learned aggregation weights α",
+        description="Plot <run dir>/alpha.npz (written by pFedLA / HeurpFedLA after every round): one "
+        "clients × clients heatmap per aggregation layer, clients ordered by their most frequent label, "
+        "beside the clients' label overlap; prints per layer the correlation of α with the overlap.",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a pFedLA run directory (or its alpha.npz)")
+    p.add_argument("-o", "--out", type=Path, metavar="FILE.png", help="default: <run dir>/alpha.png")
+    p.add_argument("--used", action="store_true", help="α as used (HeurpFedLA's local layers one-hot)")
+    p.set_defaults(func=_cmd_alpha)
+
+
+def _cmd_alpha(args: argparse.Namespace) -> int:
+    from fedvit.alpha_plot import (
+        AlphaError,
+        alpha_path,
+        label_correlation,
+        label_histograms,
+        label_overlap,
+        load_alpha,
+        plot_alpha,
+    )
+
+    try:
+        m = load_alpha(args.run_dir)
+        out = plot_alpha(args.run_dir, args.out, used=args.used)
+    except AlphaError as err:
+        _err(f"error: {err}")
+        return EXIT_CONFIG
+    hists = label_histograms(alpha_path(args.run_dir).parent, m.num_clients)
+    if hists is not None:
+        corr = label_correlation(m, label_overlap(hists), used=args.used)
+        print("layer\tr(α, label overlap)")
+        for name, r in corr.items():
+            print(f"{name}\t{r:.3f}")
+    print(out, flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 #: One function per subcommand; each registers its parser (see the module docstring).
@@ -559,6 +604,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_pretrain,
     _add_export,
     _add_sweep,
+    _add_alpha,
 ]
 
 

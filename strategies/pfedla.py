@@ -27,6 +27,12 @@ garbage-collected after each checkpoint), θ̄_i is streamed client by client; t
 and are checkpointed with the store's version map. Flower itself still holds a round's messages
 (every sampled client's θ̄_i and reply) in memory while the round runs.
 
+After every round the strategy writes ``<run dir>/alpha.npz`` (:mod:`fedvit.alpha_plot`): every
+client's α_i (``[N, L, N]``, as its hypernetwork gives it now, and as used with HeurpFedLA's
+kept-local layers one-hot), the layer names, the round and the trained clients; after the last
+round, with ``output.plots``, also ``alpha.png`` (one heatmap per layer; ``fedvit alpha RUN_DIR``
+draws it again).
+
 Options (``method.options``): ``embed_dim`` 100, ``hidden`` 100, ``n_layers`` 3, ``hn_lr`` 0.005,
 ``hn_momentum`` 0.0, ``hn_weight_decay`` 0.0, ``granularity`` block | tensor, ``heur_k`` 0.
 """
@@ -40,10 +46,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedvit.alpha_plot import ALPHA_FILE, AlphaMatrix, plot_alpha, save_alpha
 from fedvit.layeragg import GRANULARITIES, LayerAggregation, aggregation_layers
 from fedvit.params import UpdateError, get_arrays
 from fedvit.registry import method_options, option_error, register_strategy
@@ -103,6 +111,8 @@ class PFedLAStrategy(PersonalizedStrategy):
             layers=layers,
             initial=get_arrays(model, split.shared),
             store_dir=Path(run_dir) / STORE_DIR,
+            alpha_file=Path(run_dir) / ALPHA_FILE,
+            plot_alpha_at_end=bool(cfg.output.plots),
             **kwargs,
         )
 
@@ -113,9 +123,13 @@ class PFedLAStrategy(PersonalizedStrategy):
         initial: dict[str, np.ndarray],
         store_dir: Path,
         options: Options | None = None,
+        alpha_file: Path | None = None,
+        plot_alpha_at_end: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.alpha_file = alpha_file  # where α is written after every round (None: not written)
+        self.plot_alpha_at_end = plot_alpha_at_end
         self.options = o = options if options is not None else self.Options()
         self.layers = layers
         self.agg = LayerAggregation(
@@ -201,9 +215,27 @@ class PFedLAStrategy(PersonalizedStrategy):
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
-        """The checkpoint records the store's versions; only then are older files deleted."""
+        """The checkpoint records the store's versions; only then are older files deleted. Then
+        α as it stands after this round goes to ``alpha.npz`` (and, after the last round, its plot)."""
         super().save_checkpoint(server_round, arrays)
         self.agg.store.commit()
+        if self.alpha_file is not None:
+            save_alpha(self.alpha_file, self.alpha_matrix(server_round))
+            if self.plot_alpha_at_end and server_round == self.num_rounds:
+                try:
+                    log(INFO, "[fedvit] α heatmaps: %s", plot_alpha(self.alpha_file))
+                except Exception as err:  # a plot must not fail a finished run
+                    log(INFO, "[fedvit] α heatmaps not drawn: %s: %s", type(err).__name__, err)
+
+    def alpha_matrix(self, server_round: int) -> AlphaMatrix:
+        """Every client's α now: ``alpha`` as its hypernetwork gives it, ``alpha_used`` with
+        HeurpFedLA's kept-local layers one-hot (what θ̄_i is built from)."""
+        with torch.no_grad():
+            raw = np.stack([h().numpy().astype(np.float64) for h in self.agg.hnets])
+        used = np.stack([self.agg.weights(i) for i in range(self.num_clients)])
+        return AlphaMatrix(
+            raw, used, list(self.agg.layer_names), server_round, list(self.trained), self.options.heur_k
+        )
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         state = {
