@@ -136,7 +136,7 @@ class ModelConfig:
     qkv_bias: bool = True
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    pretrained: str | None = None  # local checkpoint path (state dict), never a hub
+    pretrained: str | None = None  # local checkpoint path (state dict), or 'timm:<name>' (timm/HF hub cache)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     anytime: AnytimeConfig = field(default_factory=AnytimeConfig)
 
@@ -392,6 +392,22 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 
 def validate(cfg: FedvitConfig) -> None:
+def _check_timm_name(name: str) -> None:
+    """``model.pretrained='timm:<name>'`` names a timm model with pretrained weights (no download)."""
+    import timm
+
+    try:
+        known = timm.is_model(name) and timm.models.get_pretrained_cfg(name) is not None
+    except RuntimeError:  # a tag the architecture does not have
+        known = False
+    _check(
+        known,
+        "model.pretrained",
+        f"'timm:{name}': timm has no model '{name}' with pretrained weights "
+        "(list them with timm.list_pretrained('vit_*'))",
+    )
+
+
     """Raise :class:`ConfigError` on the first impossible value."""
     from fedvit.params import KNOWN_GROUP_PATTERNS, is_known_group
     from fedvit.registry import clients, method_options, strategies
@@ -519,7 +535,10 @@ def validate(cfg: FedvitConfig) -> None:
     )
     _check(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
     _check(0 <= m.drop_rate < 1 and 0 <= m.drop_path_rate < 1, "model.drop_rate", "must be in [0, 1)")
-    if m.pretrained:
+    if m.pretrained and m.pretrained.startswith("timm:"):
+        _check(m.arch == "vit", "model.pretrained", f"timm weights need model.arch 'vit', got '{m.arch}'")
+        _check_timm_name(m.pretrained[len("timm:") :])
+    elif m.pretrained:
         _check(Path(m.pretrained).expanduser().is_file(), "model.pretrained", f"no such file: {m.pretrained}")
     pf = m.prefix
     _check(pf.kind in PREFIX_KINDS, "model.prefix.kind", f"must be one of {PREFIX_KINDS}, got '{pf.kind}'")

@@ -20,7 +20,9 @@ names the config key (and its run-config alias, e.g. ``'clients.num_clients' (ru
    of the run read the indices instead of computing them again.
 5. **pretrained weights** (``model.pretrained``): every tensor of the file exists in the model
    and, except the classification head, has the model's shape (a patch embedding for other
-   channels or patches, or position embeddings for another image size, are errors).
+   channels or patches, or position embeddings for another image size, are errors). For
+   ``timm:<name>`` the weights load through timm (resampled to the model's patch and grid): not
+   in the local Hugging Face cache while offline, or no tensor fitting, is the error.
 
 :func:`check_server` is the ServerApp's entry: it checks only when the data is local to the
 ServerApp (see :func:`data_is_local`).
@@ -175,6 +177,11 @@ def _check_pretrained(cfg: FedvitConfig) -> None:
 
     from fedvit.models import build_model
 
+    if cfg.model.pretrained.startswith("timm:"):
+        # Loads through timm (the local HF cache when offline): weights that are not there, or of
+        # which no tensor fits, are a ConfigError; resampled patch / position embeddings are meant.
+        build_model(cfg)
+        return
     path = Path(cfg.model.pretrained).expanduser()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

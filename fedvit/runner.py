@@ -274,6 +274,7 @@ def absolutize_paths(run_config: Mapping[str, Any], cwd: str | Path | None = Non
             ):
                 item = f"{key}={fix(value)}"
             items.append(item)
+                and not value.startswith("timm:")  # model.pretrained='timm:<name>' names no file
         out["overrides"] = " ".join(items)
     return out
 
