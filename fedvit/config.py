@@ -210,6 +210,7 @@ class OutputConfig:
     dir: str = "outputs"
     run_name: str | None = None  # default: <method>-<dataset>-<timestamp>
     plots: bool = True
+    tensorboard: bool = True  # TensorBoard event files in <run dir>/tb/ (fedvit.tensorboard)
 
 
 @dataclass

@@ -12,6 +12,8 @@ Files (schema in ``docs/results.md``):
 * ``accuracy.png`` (mean client accuracy per round), ``clients.png`` (per-client accuracy
   distribution at the last evaluated round and over rounds).
 * ``checkpoint/``: the server's state after the last finished round (see strategies.base).
+* ``tb/``: TensorBoard event files, one step per round (:mod:`fedvit.tensorboard`;
+  ``output.tensorboard``).
 """
 
 from __future__ import annotations
@@ -62,9 +64,18 @@ def eval_mode(round_entry: dict[str, Any]) -> str:
 class RunRecorder:
     """Collects what happens in a run and writes it to the run directory."""
 
-    def __init__(self, run_dir: Path, header: dict[str, Any], plots: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, header: dict[str, Any], plots: bool = True, tensorboard: bool = False
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.plots = plots
+        self.tensorboard = tensorboard
+        self._tb: Any = None  # the TensorBoardLog, opened at the first round this session ends
+        self._tb_first_round: int | None = None  # set by resume: purge from this round on
+        if tensorboard:
+            from fedvit.tensorboard import check_available
+
+            check_available()
         self.t0 = time.time()
         self.data: dict[str, Any] = {
             "schema": SCHEMA,
@@ -82,10 +93,17 @@ class RunRecorder:
 
     @classmethod
     def resume(
-        cls, run_dir: Path, header: dict[str, Any], upto_round: int, plots: bool = True
+        cls,
+        run_dir: Path,
+        header: dict[str, Any],
+        upto_round: int,
+        plots: bool = True,
+        tensorboard: bool = False,
     ) -> RunRecorder:
-        """Continue the record of ``run_dir``, keeping the rounds up to ``upto_round``."""
-        rec = cls(run_dir, header, plots)
+        """Continue the record of ``run_dir``, keeping the rounds up to ``upto_round`` (the event
+        files too: later steps an earlier session wrote are purged)."""
+        rec = cls(run_dir, header, plots, tensorboard)
+        rec._tb_first_round = upto_round + 1
         path = rec.run_dir / "results.json"
         if path.is_file():
             old = json.loads(path.read_text())
@@ -171,12 +189,27 @@ class RunRecorder:
         self._round(server_round)["elapsed_s"] = round(time.time() - self.t0, 3)
         self.data["summary"] = self._summary()
         self.write()
+        if self.tensorboard:
+            self._write_tensorboard(self.data["rounds"][-1])
+
+    def _write_tensorboard(self, entry: dict[str, Any]) -> None:
+        if self._tb is None:
+            from fedvit.tensorboard import TensorBoardLog
+
+            self._tb = TensorBoardLog(self.run_dir, first_round=self._tb_first_round)
+            if self._tb_first_round is None:
+                d = self.data
+                self._tb.write_text("run", f"{d.get('method')} on {d.get('dataset')} ({d.get('model')})")
+        self._tb.write_round(entry)
 
     def finish(self) -> None:
         self.data["status"] = "completed"
         self.data["finished_at"] = datetime.now().isoformat(timespec="seconds")
         self.data["summary"] = self._summary()
         self.write()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         if self.plots:
             from fedvit.plots import plot_run
 

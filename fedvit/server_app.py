@@ -58,7 +58,7 @@ def run(grid: Grid, cfg: FedvitConfig) -> Path:
         "config": to_dict(cfg),
     }
     strategy_cls = get_strategy(cfg.method.strategy)
-    recorder = RunRecorder(run_dir, header, plots=cfg.output.plots)
+    recorder = RunRecorder(run_dir, header, plots=cfg.output.plots, tensorboard=cfg.output.tensorboard)
     strategy = strategy_cls.from_config(
         cfg, model=model, split=split, recorder=recorder, run_dir=run_dir, run_name=run_name
     )
@@ -66,7 +66,9 @@ def run(grid: Grid, cfg: FedvitConfig) -> Path:
     start_round = 1
     if cfg.server.resume:
         last, arrays_record = strategy.load_checkpoint(run_dir / "checkpoint")
-        recorder = RunRecorder.resume(run_dir, header, last, plots=cfg.output.plots)
+        recorder = RunRecorder.resume(
+            run_dir, header, last, plots=cfg.output.plots, tensorboard=cfg.output.tensorboard
+        )
         strategy.recorder = recorder
         start_round = last + 1
         log(INFO, "[fedvit] resuming %s after round %d", run_dir, last)
