@@ -487,10 +487,41 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from fedvit.config import load_config
-    from fedvit.pretrain import pretrain
+    from fedvit.pretrain import PretrainOptions, pretrain
+    p.add_argument(
+        "--augment",
+        default="auto",
+        choices=["auto", "none", "crop", "crop-flip", "flip"],
+        help="batch augmentation: random crop after padding, horizontal flip (default auto: crop, "
+        "and flip RGB images only; never flip characters)",
+    )
+    p.add_argument("--crop-padding", type=int, default=4, metavar="PX", help="padding before the crop (4)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="lr after warm-up")
+    p.add_argument("--warmup", type=float, default=0.0, metavar="EPOCHS", help="linear warm-up epochs (0)")
+    p.add_argument("--warmup-steps", type=int, metavar="N", help="linear warm-up steps (overrides --warmup)")
+    p.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule's final lr (0)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (0)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also write the resumable <out>.resume every N steps (always after each epoch)",
+    )
 
-    if args.epochs < 1 or (args.max_examples is not None and args.max_examples < 1):
-        raise ConfigError("pretrain: --epochs and --max-examples must be >= 1")
+    opts = PretrainOptions(
+        epochs=args.epochs,
+        max_examples=args.max_examples,
+        augment=args.augment,
+        crop_padding=args.crop_padding,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup,
+        warmup_steps=args.warmup_steps,
+        min_lr=args.min_lr,
+        label_smoothing=args.label_smoothing,
+        checkpoint_every=args.checkpoint_every,
+    )
+    opts.validate()
     summary = pretrain(
         load_config(_run_config(args)),
         args.out,
