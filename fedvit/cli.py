@@ -482,12 +482,6 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="FILE.pt", help="where to write the weights")
     p.add_argument("--epochs", type=int, default=1, help="epochs over the train split (default 1)")
     p.add_argument("--max-examples", type=int, metavar="N", help="a seeded subset of N training examples")
-    p.set_defaults(func=_cmd_pretrain)
-
-
-def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from fedvit.config import load_config
-    from fedvit.pretrain import PretrainOptions, pretrain
     p.add_argument(
         "--augment",
         default="auto",
@@ -508,6 +502,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         metavar="STEPS",
         help="also write the resumable <out>.resume every N steps (always after each epoch)",
     )
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from fedvit.config import load_config
+    from fedvit.pretrain import PretrainOptions, pretrain
 
     opts = PretrainOptions(
         epochs=args.epochs,
@@ -525,8 +525,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     summary = pretrain(
         load_config(_run_config(args)),
         args.out,
-        epochs=args.epochs,
-        max_examples=args.max_examples,
+        options=opts,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(json.dumps(summary, indent=2), flush=True)

@@ -392,7 +392,6 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"key '{key}': {msg}")
 
 
-def validate(cfg: FedvitConfig) -> None:
 def _check_timm_name(name: str) -> None:
     """``model.pretrained='timm:<name>'`` names a timm model with pretrained weights (no download)."""
     import timm
@@ -409,6 +408,7 @@ def _check_timm_name(name: str) -> None:
     )
 
 
+def validate(cfg: FedvitConfig) -> None:
     """Raise :class:`ConfigError` on the first impossible value."""
     from fedvit.params import KNOWN_GROUP_PATTERNS, is_known_group
     from fedvit.registry import clients, method_options, strategies

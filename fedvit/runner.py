@@ -271,10 +271,10 @@ def absolutize_paths(run_config: Mapping[str, Any], cwd: str | Path | None = Non
                 and value
                 and value[0] not in "'\""
                 and value != "null"
+                and not value.startswith("timm:")  # model.pretrained='timm:<name>' names no file
             ):
                 item = f"{key}={fix(value)}"
             items.append(item)
-                and not value.startswith("timm:")  # model.pretrained='timm:<name>' names no file
         out["overrides"] = " ".join(items)
     return out
 
