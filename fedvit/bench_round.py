@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvit.config import ConfigError, FedvitConfig
+from fedvit.worker import TRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_S = 1.0  # /proc sampling period of the run's process tree (a sample costs ~10 ms of CPU)
@@ -131,6 +132,80 @@ def step_costs(cfg: FedvitConfig, seconds: float = 8.0, batch: int | None = None
         "seconds_per_measure": seconds,
         "model_params": sum(p.numel() for p in model.parameters()),
     }
+
+
+def concurrent_step_costs(cfg: FedvitConfig, procs: int, seconds: float = 8.0) -> dict[str, Any]:
+    """:func:`step_costs` in ``procs`` processes at once (1 thread each), as the round runs its
+    workers: what the same steps cost when every core is busy (shared caches, memory bandwidth,
+    the host's scheduling of this VM's cores). Per-image seconds, the mean over the processes."""
+    import pickle
+
+    with tempfile.TemporaryDirectory(prefix="fedvit-costs-") as tmp:
+        cfg_path = Path(tmp) / "cfg.pkl"
+        cfg_path.write_bytes(pickle.dumps(cfg))
+        cmd = [sys.executable, "-m", "fedvit.bench_round", "--costs", str(cfg_path), str(seconds)]
+        children = [
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(procs)
+        ]
+        outs = [c.communicate(timeout=20 * seconds + 120) for c in children]
+    for child, (_out, err) in zip(children, outs, strict=True):
+        if child.returncode != 0:
+            raise RuntimeError(f"bench round: concurrent step costs failed: {err.strip()[-500:]}")
+    costs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    return {
+        "processes": procs,
+        "train_s_per_image": statistics.fmean(c["train_s_per_image"] for c in costs),
+        "eval_s_per_image": statistics.fmean(c["eval_s_per_image"] for c in costs),
+    }
+
+
+def read_traces(directory: Path) -> list[dict[str, Any]]:
+    """The messages :func:`fedvit.worker.traced` recorded under ``directory`` (all processes)."""
+    records = []
+    for path in sorted(directory.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a killed worker
+                records.append(json.loads(line))
+    return records
+
+
+def worker_usage(
+    records: Sequence[Mapping[str, Any]],
+    windows: Sequence[tuple[float, float]],
+    slots: int,
+    bounds: Sequence[float] | None = None,
+) -> list[dict[str, Any]]:
+    """Where each round's time went, from the workers' message records.
+
+    ``windows``: each round's ``(start, end)`` on ``time.time()``'s clock; ``slots``: the workers
+    that run at once. Per round: ``busy_s`` (sum over messages of their wall time inside the
+    window), ``cpu_s`` (the CPU seconds of the messages that ended in it), ``idle_s`` = slots x
+    round - busy (no message in a worker: Flower's hand-over, barriers, imbalance). With the
+    round's compute bound B, round - B splits exactly into ``above_bound_work_s`` = cpu/slots - B
+    (the workers' CPU beyond the pure compute), ``waiting_in_message_s`` = (busy - cpu)/slots
+    (a message waiting for a core or the disk) and ``idle_per_slot_s`` = idle/slots.
+    """
+    out = []
+    for i, (start, end) in enumerate(windows):
+        length = end - start
+        busy = sum(max(0.0, min(r["t1"], end) - max(r["t0"], start)) for r in records)
+        ended = [r for r in records if start < r["t1"] <= end]
+        cpu = sum(r["cpu_s"] for r in ended)
+        row: dict[str, Any] = {
+            "round_s": _r(length),
+            "messages": len(ended),
+            "busy_s": _r(busy),
+            "cpu_s": _r(cpu),
+            "idle_s": _r(slots * length - busy),
+        }
+        if bounds is not None:
+            row["bound_s"] = _r(bounds[i])
+            row["above_bound_work_s"] = _r(cpu / slots - bounds[i])
+            row["waiting_in_message_s"] = _r((busy - cpu) / slots)
+            row["idle_per_slot_s"] = _r((slots * length - busy) / slots)
+        out.append(row)
+    return out
 
 
 def client_sizes(cfg: FedvitConfig) -> list[dict[str, int]]:
@@ -397,6 +472,7 @@ def round_bench(
     timeout_s: float = 3600.0,
     bound_measure_s: float = 8.0,
     floor_rounds_: int | None = None,
+    scaling: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure one setting (see the module doc); the report as a JSON-ready dict.
@@ -455,6 +531,7 @@ def round_bench(
             rc["run-name"] = "bench-round"
             if "clients.state_dir" not in str(rc.get("overrides", "")):
                 rc["overrides"] = f"{rc.get('overrides', '')} clients.state_dir={tmp / 'state'}".strip()
+        trace_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedvit-trace-")))
         prepared = prepare_run_config(app, rc)
         # the run directory this bench reads must be the one the run writes: pin the chosen name
         # (left to the runner, a timestamped default could fall on the next second)
@@ -474,8 +551,10 @@ def round_bench(
                 timeout_s=timeout_s,
                 stream=False,
                 progress=say,
+                env_extra={TRACE_ENV: str(trace_dir)},
             )
         wall = time.time() - t_call
+        records = read_traces(trace_dir)
         if not outcome.ok:
             raise RunnerError(
                 f"bench round: the federation did not complete\n{describe(outcome, log_lines=15)}"
@@ -588,6 +667,36 @@ def round_bench(
             **{k: costs[k] for k in ("batch_size", "torch_threads", "seconds_per_measure", "model_params")},
         }
         report["ratio_round_over_bound"] = _r(steady / bound)
+        if scaling:
+            say(f"bench round: the same steps in {cores} processes at once ...")
+            conc = concurrent_step_costs(cfg, cores, seconds=bound_measure_s)
+            c_tr, c_ev = conc["train_s_per_image"], conc["eval_s_per_image"]
+            report["bound"]["all_cores_busy"] = {
+                "processes": cores,
+                "train_ms_per_image": _r(c_tr * 1e3, 4),
+                "eval_ms_per_image": _r(c_ev * 1e3, 4),
+                "train_slowdown": _r(c_tr / t_tr),
+                "eval_slowdown": _r(c_ev / t_ev),
+                "bound_s": _r(bound_seconds(img_train, img_eval, c_tr, c_ev, cores)),
+            }
+    slots = min(cores, supernodes or simulation_workers(n, 1))
+    ends = [rec_t0 + r["elapsed_s"] for r in results["rounds"]]
+    usage = worker_usage(
+        records,
+        list(zip([rec_t0, *ends[:-1]], ends, strict=True)),
+        slots,
+        report["bound"]["per_round_s"] if bound is not None else None,
+    )
+    numeric = [k for k in usage[0] if k != "messages"] if usage else []
+    report["workers"] = {
+        "slots": slots,
+        "how": "each ClientApp message's wall and CPU time (fedvit.worker.traced) inside each round's "
+        "window; round - bound = above_bound_work_s + waiting_in_message_s + idle_per_slot_s",
+        "steady": {k: _r(_median([u[k] for u in usage[1:] if u[k] is not None])) for k in numeric},
+        "per_round": usage,
+        "first_message_after_call_s": _r(min(r["t0"] for r in records) - t_call) if records else None,
+        "discovery_messages": sum(r["kind"] in ("query", "describe") for r in records),
+    }
     floor_ms = None
     if not skip_floor:
         say(f"bench round: Flower's floor ({n} no-op nodes, {payload} floats) ...")
@@ -613,8 +722,14 @@ def round_bench(
     return report
 
 
-if __name__ == "__main__":  # the floor's child: python -m fedvit.bench_round --floor N FLOATS ROUNDS CPUS
-    if len(sys.argv) != 6 or sys.argv[1] != "--floor":
-        sys.exit("usage: python -m fedvit.bench_round --floor N FLOATS ROUNDS CPUS")
-    result = floor_child(*(int(a) for a in sys.argv[2:6]))
+if __name__ == "__main__":
+    # children: python -m fedvit.bench_round --floor N FLOATS ROUNDS CPUS | --costs CFG.pkl SECONDS
+    if len(sys.argv) == 6 and sys.argv[1] == "--floor":
+        result = floor_child(*(int(a) for a in sys.argv[2:6]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--costs":
+        import pickle
+
+        result = step_costs(pickle.loads(Path(sys.argv[2]).read_bytes()), seconds=float(sys.argv[3]))
+    else:
+        sys.exit("usage: python -m fedvit.bench_round --floor N FLOATS ROUNDS CPUS | --costs CFG.pkl SECONDS")
     print(json.dumps(result), flush=True)

@@ -422,6 +422,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-floor", action="store_true", help="round: do not measure Flower's floor")
     p.add_argument("--skip-bound", action="store_true", help="round: do not measure the compute bound")
     p.add_argument(
+        "--skip-scaling",
+        action="store_true",
+        help="round: do not time the steps with every core busy (the bound's all_cores_busy diagnostic)",
+    )
+    p.add_argument(
         "--supernodes",
         type=int,
         metavar="W",
@@ -450,6 +455,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             app_dir=args.app or REPO,
             skip_floor=args.skip_floor,
             skip_bound=args.skip_bound,
+            scaling=not args.skip_scaling,
             supernodes=args.supernodes,
             timeout_s=args.timeout,
             bound_measure_s=args.bound_seconds,

@@ -212,6 +212,14 @@ def make_client(message: Message, context: Context) -> Iterator[Any]:
         yield get_client(setup.cfg.method.client)(setup)
 
 
+def _traced(kind: str, config: Mapping[str, Any]):
+    """:func:`fedvit.worker.traced` for a message with this ``config``."""
+    client = config.get("client-id")
+    return worker.traced(
+        kind, None if client is None else int(client), int(config.get("server-round", 0)) or None
+    )
+
+
 def _config_dict(message: Message) -> dict[str, Any]:
     record = message.content.config_records.get("config")
     return dict(record) if record is not None else {}
@@ -242,7 +250,8 @@ def identify(message: Message, context: Context) -> Message:
     if is_virtual_worker(context):
         metrics: dict[str, Any] = {VIRTUAL_WORKER: 1}
         ids = [int(c) for c in config.get(DESCRIBE, [])]
-        metrics.update(pack_client_info(ids, _describe_many(context, ids) if ids else []))
+        with _traced("describe" if ids else "query", config):
+            metrics.update(pack_client_info(ids, _describe_many(context, ids) if ids else []))
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
     with client_setup(None, context) as setup:
         reply = MetricRecord({"client-id": setup.client_id, **describe(setup)})
@@ -288,7 +297,7 @@ def train(message: Message, context: Context) -> Message:
     """Local training; replies with the shared split only."""
     config = _config_dict(message)
     started = time.perf_counter()
-    with make_client(message, context) as client:
+    with _traced("train", config), make_client(message, context) as client:
         params, num_examples, metrics = client.fit(_received(message, client), config)
         shared, client_id = client.split.shared, client.client_id
     simulate_slowdown(float(config.get("slowdown", 1.0)), time.perf_counter() - started, context)
@@ -300,8 +309,9 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate this client's personalized model on its own val and test splits."""
-    with make_client(message, context) as client:
-        loss, num_examples, metrics = client.evaluate(_received(message, client), _config_dict(message))
+    config = _config_dict(message)
+    with _traced("evaluate", config), make_client(message, context) as client:
+        loss, num_examples, metrics = client.evaluate(_received(message, client), config)
         client_id = client.client_id
     reply = MetricRecord({**metrics, "loss": loss, "num-examples": num_examples, "client-id": client_id})
     return Message(RecordDict({"metrics": reply}), reply_to=message)

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedvit.config import ConfigError
+from fedvit.warmup import RUNTIME_ENV_HOOK
 
 # --------------------------------------------------------------------------- constants
 
@@ -97,6 +98,8 @@ FEDERATION_CONFIG_KEYS = (
 #: What Ray's ``ray.init()`` reads when called without an address, as Flower's RayBackend calls
 #: it: ``HOST:PORT`` of a running cluster's head. Set for the simulation by ``ray_address``.
 RAY_ADDRESS_VAR = "RAY_ADDRESS"
+#: Read by ``ray.init``: a function that edits the runtime env (fedvit's adds a worker warm-up).
+RAY_HOOK_VAR = "RAY_RUNTIME_ENV_HOOK"
 #: ``--federation-config`` keys Ray refuses when it joins a running cluster (each node declared
 #: its resources with ``ray start --num-cpus/--num-gpus``).
 CLUSTER_REFUSED_KEYS = ("init-args-num-cpus", "init-args-num-gpus")
@@ -1217,6 +1220,68 @@ def _flwr(
     )
 
 
+#: The ``flwr`` console script (``flwr.cli.app:app``), imported ahead of time: it waits for one line
+#: ``{"argv": [...], "env": {...}}`` on stdin, then runs as ``flwr ARGV`` would in that environment.
+#: An empty stdin (the runner went away) ends it.
+_PRIMED_FLWR = """
+import json, os, sys
+from flwr.cli.app import app
+line = sys.stdin.readline()
+if not line.strip():
+    sys.exit(0)
+job = json.loads(line)
+os.environ.clear()
+os.environ.update(job["env"])
+sys.argv = ["flwr", *job["argv"]]
+sys.exit(app())
+"""
+
+
+class PrimedFlwr:
+    """A ``flwr`` CLI process started before it is needed, so that starting Python and importing
+    Flower's CLI (1-3 s, more on a busy machine) overlaps with other work: the SuperLink's start
+    for ``flwr run``, the run itself for the final ``flwr ls``. The same program and arguments as
+    the ``flwr`` console script; used once."""
+
+    def __init__(self, env: Mapping[str, str], cwd: Path) -> None:
+        self.cwd = cwd
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _PRIMED_FLWR],
+            env=dict(env),
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(
+        self, args: list[str], env: Mapping[str, str], timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        """``flwr ARGS`` in ``env``: as :func:`_flwr`, raising ``TimeoutExpired`` after ``timeout``."""
+        job = json.dumps({"argv": list(args), "env": dict(env)}) + "\n"
+        try:
+            out, err = self.proc.communicate(job, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise
+        return subprocess.CompletedProcess(["flwr", *args], self.proc.returncode, out, err)
+
+    def close(self) -> None:
+        """End it if unused (its stdin closes) or stuck."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
 #: Lines of Flower's and Ray's run log that say nothing about a fedvit run (the runner chooses the
 #: number of simulated SuperNodes itself, and hides GPUs from CPU-only clients on purpose): not
 #: echoed; one line says they were left out. Every line still goes to the kept tail.
@@ -1418,6 +1483,9 @@ def run_flwr(
             )
     if cluster is not None:
         _say_cluster(cluster, fed, say)
+    if local and prepared.cfg is not None and RAY_HOOK_VAR not in os.environ:
+        # Ray workers import the ClientApp as they start, while the ServerApp sets up (fedvit.warmup)
+        env_extra = {RAY_HOOK_VAR: RUNTIME_ENV_HOOK, **(env_extra or {})}
     if prepared.output_dir is not None:
         say(f"results will go to {prepared.output_dir}")
     args = ["run", str(app)]
@@ -1435,6 +1503,8 @@ def run_flwr(
     sink = (log_sink if log_sink is not None else sys.stdout) if stream else None
     try:
         with _signals_raise(), contextlib.ExitStack() as stack:
+            primed = PrimedFlwr(flwr_env(flwr_home, env_extra), here)  # `flwr run`, ready when needed
+            stack.callback(primed.close)
             if local:
                 say("starting a private SuperLink ...")
                 link = stack.enter_context(
@@ -1457,6 +1527,7 @@ def run_flwr(
                 status_timeout_s=status_timeout_s,
                 say=say,
                 link=link,
+                primed=primed,
             )
             args += [connection, "--format", "json"]
             if rc_text:
@@ -1481,6 +1552,7 @@ class _Session:
     status_timeout_s: float
     say: Callable[[str], None]
     link: LocalSuperLink | None = None  # the SuperLink started for this run, if any
+    primed: PrimedFlwr | None = None  # a flwr CLI started ahead, for the next call (see flwr())
 
     def superlink_alive(self) -> bool:
         return self.link is None or (self.link.process is not None and self.link.process.poll() is None)
@@ -1489,6 +1561,13 @@ class _Session:
         return self.link.log_tail(20) if self.link is not None else ""
 
     def flwr(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        """``flwr ARGS``: in the primed process if one is waiting (then it is used up)."""
+        primed, self.primed = self.primed, None
+        if primed is not None:
+            try:
+                return primed.run(args, self.env, timeout)
+            finally:
+                primed.close()
         return _flwr(args, self.env, self.cwd, timeout)
 
     def submit_and_wait(self, run_args: list[str], sink: TextIO | None, outcome: RunOutcome) -> None:
@@ -1510,6 +1589,7 @@ class _Session:
             return
         outcome.status = "submitted"
         self.say(f"run {outcome.run_id} submitted to {self.connection}")
+        self.primed = PrimedFlwr(self.env, self.cwd)  # for the final `flwr ls`, ready when the run ends
 
         pump = None
         try:
@@ -1530,6 +1610,9 @@ class _Session:
             if pump is not None:
                 pump.stop()
                 outcome.log_tail = list(pump.tail)
+            if self.primed is not None:
+                self.primed.close()
+                self.primed = None
 
     def wait_final_status(self, outcome: RunOutcome) -> None:
         """Poll ``flwr ls`` until the run's status is final.

@@ -18,13 +18,20 @@ small client's actual work (issue 14: ~30 ms per message at 1,000 clients). This
 Private state is *not* cached here: it is read from the client's
 :class:`~fedvit.state.PrivateStore` for every message, exactly as before, so a restarted worker
 still finds it.
+
+:func:`traced` records each message's wall and CPU time when :data:`TRACE_ENV` names a directory
+(``fedvit bench round`` sets it to tell idle workers from busy ones and busy ones from slow ones).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -161,3 +168,34 @@ def clear() -> None:
     """Forget everything cached in this process (tests; a worker that must start cold)."""
     for c in _CACHES.values():
         c.clear()
+
+
+#: Environment variable naming a directory: each worker process appends one JSON line per message
+#: to ``<dir>/<pid>.jsonl`` (off when unset).
+TRACE_ENV = "FEDVIT_TRACE_DIR"
+
+
+@contextmanager
+def traced(kind: str, client_id: int | None, server_round: int | None) -> Iterator[None]:
+    """Time one message's handling in this process: ``{"pid", "kind", "client", "round", "t0", "t1",
+    "cpu_s"}`` (``t0``/``t1``: ``time.time()``; ``cpu_s``: this process's CPU seconds in between,
+    so ``t1 - t0 - cpu_s`` is time the worker waited: for a core, for the disk, or asleep)."""
+    directory = os.environ.get(TRACE_ENV)
+    if not directory:
+        yield
+        return
+    t0, c0 = time.time(), time.process_time()
+    try:
+        yield
+    finally:
+        record = {
+            "pid": os.getpid(),
+            "kind": kind,
+            "client": client_id,
+            "round": server_round,
+            "t0": t0,
+            "t1": time.time(),
+            "cpu_s": time.process_time() - c0,
+        }
+        with open(os.path.join(directory, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")

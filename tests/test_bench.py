@@ -18,8 +18,10 @@ from fedvit.bench_round import (
     client_sizes,
     flower_floor,
     images_per_client_round,
+    read_traces,
     round_times,
     step_costs,
+    worker_usage,
 )
 from fedvit.cli import main
 from fedvit.config import load_config
@@ -185,6 +187,28 @@ def test_bad_input_exits_2_with_one_line_and_starts_nothing(run_config: str, nam
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_a_rounds_time_splits_into_work_above_the_bound_waiting_and_idle_workers() -> None:
+    # one 10 s round, 2 workers: worker A busy 0-6 s (5 s of CPU), worker B busy 1-9 s (8 s of CPU)
+    records = [
+        {"t0": 100.0, "t1": 106.0, "cpu_s": 5.0},
+        {"t0": 101.0, "t1": 109.0, "cpu_s": 8.0},
+        {"t0": 111.0, "t1": 112.0, "cpu_s": 1.0},  # the next round's: outside the window
+    ]
+    (row,) = worker_usage(records, [(100.0, 110.0)], slots=2, bounds=[5.0])
+    assert row["messages"] == 2 and row["busy_s"] == 14.0 and row["cpu_s"] == 13.0
+    assert row["idle_s"] == 6.0  # 2 x 10 s minus 14 s in messages
+    assert row["above_bound_work_s"] == 1.5  # 13 s CPU over 2 slots, minus the 5 s bound
+    assert row["waiting_in_message_s"] == 0.5  # 1 s in messages without CPU, per slot
+    assert row["idle_per_slot_s"] == 3.0
+    assert 1.5 + 0.5 + 3.0 == 10.0 - 5.0
+
+
+def test_traces_of_all_processes_are_read_and_a_cut_last_line_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "1.jsonl").write_text('{"kind": "train", "t0": 1, "t1": 2, "cpu_s": 1}\n{"kind": "ev')
+    (tmp_path / "2.jsonl").write_text('{"kind": "evaluate", "t0": 2, "t1": 3, "cpu_s": 0.5}\n')
+    assert [r["kind"] for r in read_traces(tmp_path)] == ["train", "evaluate"]
+
+
 def test_floor_returns_a_positive_cost_per_message() -> None:
     floor = flower_floor(3, 1000, cpus=len(os.sched_getaffinity(0)), rounds=3, timeout_s=280)
     assert floor["floor_ms_per_message"] > 0
@@ -237,3 +261,15 @@ def test_bench_round_writes_every_field_with_consistent_numbers(tmp_path: Path, 
     assert report["wall_s"] > report["startup_to_first_round_s"]
     assert report["machine"]["cores"] >= 1 and report["machine"]["torch_threads_bound"] == 1
     assert report["app_commit"]["commit"] is None or len(report["app_commit"]["commit"]) == 40
+
+    # every message of the run was traced in a worker; the steady rounds' time splits exactly
+    workers = report["workers"]
+    assert workers["discovery_messages"] >= 1 and workers["first_message_after_call_s"] > 0
+    rounds = workers["per_round"]
+    assert [r["messages"] for r in rounds[1:]] == [6, 6]  # 2 train + 4 evaluate, each round
+    for r in rounds:
+        parts = r["above_bound_work_s"] + r["waiting_in_message_s"] + r["idle_per_slot_s"]
+        assert parts == pytest.approx(r["round_s"] - r["bound_s"], abs=0.01)
+        assert r["cpu_s"] > 0 and r["busy_s"] <= workers["slots"] * r["round_s"] + 0.01
+    busy = report["bound"]["all_cores_busy"]
+    assert busy["processes"] == report["machine"]["cores"] and busy["train_ms_per_image"] > 0

@@ -584,3 +584,16 @@ def test_flower_and_ray_notices_that_do_not_apply_are_left_out_of_the_echoed_log
     ]
     assert all(is_noise(line) for line in noise)
     assert not any(is_noise(line) for line in kept)
+
+
+def test_a_primed_flwr_runs_what_the_flwr_script_runs_and_an_unused_one_just_ends(tmp_path: Path) -> None:
+    env = runner.flwr_env(tmp_path / "home")
+    direct = runner._flwr(["--version"], env, tmp_path, 120)
+    primed = runner.PrimedFlwr(runner.flwr_env(), tmp_path)  # the call's env wins over the spawn's
+    via = primed.run(["--version"], env, 120)
+    assert (via.returncode, via.stdout, via.stderr) == (direct.returncode, direct.stdout, direct.stderr)
+    assert direct.returncode == 0 and "1.41" in direct.stdout
+
+    unused = runner.PrimedFlwr(env, tmp_path)
+    unused.close()  # stdin closed: it exits by itself, without running anything
+    assert unused.proc.returncode == 0

@@ -3,6 +3,10 @@ back pristine, caches are keyed by everything that shapes them, private state is
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import fedhelpers
@@ -131,3 +135,34 @@ def test_a_restarted_worker_still_has_the_clients_private_state(tmp_path: Path) 
     with client_app.make_client(_message(0, "fedper"), _context(rc, {"partition-id": 0})) as client:
         head = client.model.state_dict()["head.weight"].numpy()
     np.testing.assert_array_equal(head, saved["head.weight"])
+
+
+def test_a_traced_message_records_its_wall_and_cpu_time_only_when_asked(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(worker.TRACE_ENV, raising=False)
+    with worker.traced("train", 3, 2):
+        pass
+    assert not list(tmp_path.iterdir())  # off by default: nothing written anywhere
+
+    monkeypatch.setenv(worker.TRACE_ENV, str(tmp_path))
+    with worker.traced("train", 3, 2):
+        sum(i * i for i in range(200_000))  # some CPU
+    (path,) = tmp_path.iterdir()
+    (record,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert path.name == f"{os.getpid()}.jsonl"
+    assert record["kind"] == "train" and record["client"] == 3 and record["round"] == 2
+    assert record["t1"] >= record["t0"] and 0 < record["cpu_s"] <= record["t1"] - record["t0"] + 0.05
+
+
+def test_ray_workers_are_warmed_by_a_setup_hook_that_imports_the_client_app() -> None:
+    from fedvit import warmup
+
+    env = warmup.ray_runtime_env({"env_vars": {"PYTHONPATH": "/x"}})
+    assert env == {"env_vars": {"PYTHONPATH": "/x"}, "worker_process_setup_hook": warmup.SETUP_HOOK}
+    assert warmup.ray_runtime_env(None) == {"worker_process_setup_hook": warmup.SETUP_HOOK}
+    mine = {"worker_process_setup_hook": "my.hook"}
+    assert warmup.ray_runtime_env(mine) == mine  # a hook the user set wins
+    code = (
+        "import sys; from fedvit import warmup; assert 'fedvit.client_app' not in sys.modules; "
+        "warmup.warm_up(); assert 'fedvit.client_app' in sys.modules and 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
