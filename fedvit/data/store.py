@@ -10,6 +10,7 @@ as ``int64`` arrays of shape ``(L,)``.
 
 from __future__ import annotations
 
+import bisect
 import io
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,17 +128,19 @@ class ConcatStore(SampleStore):
 
     def __init__(self, parts: list[SampleStore]) -> None:
         self.parts = parts
-        self.starts = np.cumsum([0, *(len(part) for part in parts)]).astype(np.int64)
+        self.starts = [0]  # a list: bisect on it is ~20x faster per item than np.searchsorted
+        for part in parts:
+            self.starts.append(self.starts[-1] + len(part))
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return self.starts[-1]
 
     def __getitem__(self, i: int) -> np.ndarray:
         i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
-        j = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.parts[j][i - int(self.starts[j])]
+        j = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[j][i - self.starts[j]]
 
 
 @dataclass
