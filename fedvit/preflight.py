@@ -16,8 +16,9 @@ names the config key (and its run-config alias, e.g. ``'clients.num_clients' (ru
    (``model.img_size``, else ``data.image_size``); text tokens lie in the vocabulary.
 4. **partition**: :func:`fedvit.data.build_partition` for ``clients.num_clients`` clients (iid,
    Dirichlet with ``data.partition.min_size``: flwr-datasets re-draws at most 10 times, then
-   gives up; pathological; natural ids). It writes the on-disk partition cache, so the clients
-   of the run read the indices instead of computing them again.
+   gives up; pathological; natural ids; by the pooled protocol, ``data.partition.pool``, over the
+   pooled official splits, whose val split's samples are checked too). It writes the on-disk
+   partition cache, so the clients of the run read the indices instead of computing them again.
 5. **pretrained weights** (``model.pretrained``): every tensor of the file exists in the model
    and, except the classification head, has the model's shape (a patch embedding for other
    channels or patches, or position embeddings for another image size, are errors). For
@@ -102,7 +103,8 @@ def _check(cfg: FedvitConfig) -> None:
         return
     source = _load(cfg)
     _check_class_names(cfg, source)
-    for name, split in (("train", source.train), ("test", source.test)):
+    pooled_val = source.val if cfg.data.partition.pool else None  # only the pooled protocol reads it
+    for name, split in (("train", source.train), ("test", source.test), ("val", pooled_val)):
         if split is not None and len(split):
             _check_samples(cfg, name, split)
     build_partition(cfg)
