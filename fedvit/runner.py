@@ -898,6 +898,19 @@ WORKERS_PER_SLOT = 8
 MIN_WORKERS = 32
 
 
+def local_simulation_env(cpus_per_client: float = 1) -> dict[str, str]:
+    """Environment of a local fedvit simulation, for what the user's environment does not set:
+    Ray workers import the ClientApp as they start, while the ServerApp sets up
+    (:mod:`fedvit.warmup`); and, with one CPU per client, one OpenMP/torch thread in every process
+    (the ServerApp's cores belong to the workers; with more threads they spin against the workers'
+    on a machine with no spare core). With more CPUs per client the variable is left to Ray,
+    which gives each worker its ``num_cpus`` threads unless the environment already decides."""
+    wanted = {RAY_HOOK_VAR: RUNTIME_ENV_HOOK}
+    if cpus_per_client <= 1:
+        wanted["OMP_NUM_THREADS"] = "1"
+    return {k: v for k, v in wanted.items() if k not in os.environ}
+
+
 def simulation_workers(num_clients: int, cpus_per_client: float = 1, cpus: int | None = None) -> int:
     """How many SuperNodes a simulation starts: ``min(num_clients, max(32, 8 × slots))`` with
     ``slots = cpus / cpus_per_client`` clients running at once.
@@ -1483,9 +1496,8 @@ def run_flwr(
             )
     if cluster is not None:
         _say_cluster(cluster, fed, say)
-    if local and prepared.cfg is not None and RAY_HOOK_VAR not in os.environ:
-        # Ray workers import the ClientApp as they start, while the ServerApp sets up (fedvit.warmup)
-        env_extra = {RAY_HOOK_VAR: RUNTIME_ENV_HOOK, **(env_extra or {})}
+    if local and prepared.cfg is not None:
+        env_extra = {**local_simulation_env(cpus_per_client), **(env_extra or {})}
     if prepared.output_dir is not None:
         say(f"results will go to {prepared.output_dir}")
     args = ["run", str(app)]

@@ -597,3 +597,16 @@ def test_a_primed_flwr_runs_what_the_flwr_script_runs_and_an_unused_one_just_end
     unused = runner.PrimedFlwr(env, tmp_path)
     unused.close()  # stdin closed: it exits by itself, without running anything
     assert unused.proc.returncode == 0
+
+
+def test_a_local_simulation_warms_its_workers_and_gives_the_serverapp_one_thread(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(runner.RAY_HOOK_VAR, raising=False)
+    assert runner.local_simulation_env(1) == {
+        runner.RAY_HOOK_VAR: "fedvit.warmup.ray_runtime_env",
+        "OMP_NUM_THREADS": "1",
+    }
+    assert runner.local_simulation_env(2) == {runner.RAY_HOOK_VAR: "fedvit.warmup.ray_runtime_env"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # what the user's environment sets wins
+    monkeypatch.setenv(runner.RAY_HOOK_VAR, "my.hook")
+    assert runner.local_simulation_env(1) == {}
