@@ -30,7 +30,7 @@ def _one_line_error(err: str, *needles: str) -> None:
 def test_subcommands_are_the_real_ones_only() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    real = {"run", "partition", "config", "report", "study", "bench", "pretrain", "export", "sweep"}
+    real = {"run", "partition", "config", "report", "study", "bench", "pretrain", "export", "sweep", "alpha"}
     assert set(sub.choices) == real  # no do-nothing stubs
     assert len(COMMANDS) == len(real)
     with pytest.raises(SystemExit) as exc:
