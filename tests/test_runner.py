@@ -1,5 +1,6 @@
-"""fedvit.runner: run-config syntax, paths, status parsing, ports, process teardown, and real
-``flwr run`` simulations of a tiny throwaway app (marked slow)."""
+"""fedvit.runner: run-config syntax, paths, status parsing, ports, process teardown, the watchdog
+and the reaping of a dead launcher's leftovers, and real ``flwr run`` simulations of a tiny
+throwaway app (marked slow)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +24,7 @@ from tinyapp import describe_procs, marked
 
 from fedvit import runner
 from fedvit.config import ConfigError
+from fedvit.launch import prepare, procs, session, superlink
 from fedvit.runner import (
     RESERVED_PORTS,
     STATUS_COMPLETED,
@@ -222,15 +225,15 @@ def _fake_flwr(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> list[list
         out = answers.pop(0) if len(answers) > 1 else answers[0]
         return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
 
-    monkeypatch.setattr(runner, "_flwr", fake)
-    monkeypatch.setattr(runner.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(session, "_flwr", fake)
+    monkeypatch.setattr(session.time, "sleep", lambda _s: None)
     return calls
 
 
 def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """time.monotonic() advances one second per call."""
     ticks = itertools.count()
-    monkeypatch.setattr(runner.time, "monotonic", lambda: float(next(ticks)))
+    monkeypatch.setattr(session.time, "monotonic", lambda: float(next(ticks)))
 
 
 def test_final_status_is_polled_until_final(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,15 +308,15 @@ def test_auto_gpus_per_client_shares_the_visible_gpus(monkeypatch: pytest.Monkey
     def cfg(device: str) -> SimpleNamespace:
         return SimpleNamespace(clients=SimpleNamespace(device=device))
 
-    monkeypatch.setattr(runner, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(prepare, "visible_gpus", lambda: 1)
     assert runner.auto_gpus_per_client(cfg("auto"), 3) == 0.3333
     assert runner.auto_gpus_per_client(cfg("cuda:0"), 1) == 1.0
     assert runner.auto_gpus_per_client(cfg("cpu"), 3) == 0.0
     assert runner.auto_gpus_per_client(None, 3) == 0.0  # not a fedvit app
-    monkeypatch.setattr(runner, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(prepare, "visible_gpus", lambda: 2)
     assert runner.auto_gpus_per_client(cfg("auto"), 1) == 1.0
     assert runner.auto_gpus_per_client(cfg("auto"), 8) == 0.25
-    monkeypatch.setattr(runner, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(prepare, "visible_gpus", lambda: 0)
     assert runner.auto_gpus_per_client(cfg("auto"), 3) == 0.0
 
 
@@ -390,7 +393,7 @@ def test_find_free_port_skips_reserved_and_excluded(monkeypatch: pytest.MonkeyPa
         def getsockname(self) -> tuple[str, int]:
             return ("127.0.0.1", self.port)
 
-    monkeypatch.setattr(runner.socket, "socket", FakeSocket)
+    monkeypatch.setattr(procs.socket, "socket", FakeSocket)
     assert find_free_port(exclude={45000}) == 45001
 
 
@@ -431,9 +434,133 @@ def test_superlink_that_cannot_start_raises(tmp_path: Path, monkeypatch: pytest.
     broken = tmp_path / "flower-superlink"
     broken.write_text("#!/bin/sh\necho 'cannot start: no such thing' >&2\nexit 3\n")
     broken.chmod(0o755)
-    monkeypatch.setattr(runner, "flwr_executable", lambda name: str(broken))
+    monkeypatch.setattr(superlink, "flwr_executable", lambda name: str(broken))
     with pytest.raises(RunnerError, match="exited with code 3"):
         LocalSuperLink(tmp_path / "w").start()
+
+
+# --------------------------------------------------------------------------- a launcher that dies
+
+#: A stand-in launcher (child Python): starts its watchdog, announces a work dir, starts a
+#: ``sleep`` carrying its launcher id, prints the pids and waits for a line; then waits to be
+#: killed, or ("release") ends its child and releases the watchdog as a normal end does.
+_LAUNCHER = """
+import os, subprocess, sys, time
+from fedvit.launch.procs import LAUNCHER_VAR, launcher_id
+from fedvit.launch.watchdog import Watchdog
+
+dog = Watchdog.start()
+dog.remove_on_death(sys.argv[1])
+child = subprocess.Popen(["sleep", "300"], env={**os.environ, LAUNCHER_VAR: launcher_id()})
+print(dog.proc.pid, child.pid, flush=True)
+sys.stdin.readline()  # the test has seen both
+if sys.argv[2] == "release":
+    child.kill()
+    child.wait()
+    dog.release()
+else:
+    time.sleep(300)
+"""
+
+
+def _wait_until(check, timeout: float, what: str) -> float:
+    """Poll ``check()`` until true; the seconds it took (AssertionError naming ``what`` after ``timeout``)."""
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def _start_launcher(
+    tmp_path: Path, mode: str
+) -> tuple[subprocess.Popen[str], runner.Proc, runner.Proc, Path]:
+    workdir = tmp_path / "fedvit-work"
+    workdir.mkdir()
+    (workdir / "superlink.log").write_text("")
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(workdir), mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert launcher.stdout is not None
+    dog_pid, child_pid = map(int, launcher.stdout.readline().split())
+    dog, child = read_proc(dog_pid), read_proc(child_pid)
+    assert dog is not None and child is not None
+    return launcher, dog, child, workdir
+
+
+@pytest.mark.timeout(60)
+def test_watchdog_kills_what_a_sigkilled_launcher_started_and_removes_its_work_dir(
+    tmp_path: Path, mark: str
+) -> None:
+    launcher, dog, child, workdir = _start_launcher(tmp_path, "wait")
+    try:
+        time.sleep(0.5)
+        assert child.alive() and dog.alive() and workdir.exists()
+        launcher.kill()  # SIGKILL: no handler, no finally, nothing of the launcher runs
+        launcher.wait(timeout=10)
+        _wait_until(lambda: not child.alive() and not workdir.exists(), 20, "teardown by the watchdog")
+        _wait_until(lambda: not dog.alive(), 10, "the watchdog's exit")
+        assert launcher.stderr is not None
+        said = launcher.stderr.read()  # the watchdog inherited it: one line, then it exited
+        assert f"reaped 1 process(es) of launcher (pid {launcher.pid}): sleep" in said, said
+        assert f"removed {workdir}" in said, said
+    finally:
+        for p in (child, dog):
+            p.signal(signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+    assert marked(mark) == [], describe_procs(marked(mark))
+
+
+@pytest.mark.timeout(60)
+def test_a_released_watchdog_exits_and_touches_nothing(tmp_path: Path, mark: str) -> None:
+    launcher, dog, _child, workdir = _start_launcher(tmp_path, "release")
+    try:
+        assert dog.alive()
+        _out, err = launcher.communicate("go\n", timeout=30)
+        assert launcher.returncode == 0, err
+        assert not dog.alive()  # release() waited for it
+        assert workdir.exists()  # a normal end's teardown is the runner's own, not the watchdog's
+        assert "reaped" not in err
+    finally:
+        dog.signal(signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+    assert marked(mark) == [], describe_procs(marked(mark))
+
+
+def test_reap_orphans_kills_what_a_dead_launcher_left_and_spares_live_launchers(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["sleep", "30"])
+    dead = procs.launcher_id(gone.pid)  # read while it exists, then it is killed
+    gone.kill()
+    gone.wait()
+    assert not procs.launcher_alive(dead) and procs.launcher_alive(procs.launcher_id())
+    workdir = tmp_path / "fedvit-left"
+    workdir.mkdir()
+    (workdir / "superlink.log").write_text("")
+    base = {k: v for k, v in os.environ.items() if k not in (procs.LAUNCHER_VAR, procs.WORKDIR_VAR)}
+    orphan = subprocess.Popen(
+        ["sleep", "300"], env={**base, procs.LAUNCHER_VAR: dead, procs.WORKDIR_VAR: str(workdir)}
+    )
+    mine = subprocess.Popen(["sleep", "300"], env={**base, procs.LAUNCHER_VAR: procs.launcher_id()})
+    try:
+        _wait_until(lambda: proc_environ(orphan.pid).get(procs.LAUNCHER_VAR) == dead, 10, "orphan exec")
+        reaped = procs.reap_orphans()
+        assert reaped is not None
+        assert orphan.wait(timeout=10) is not None and mine.poll() is None
+        assert not workdir.exists() and str(workdir) in reaped.workdirs
+        assert dead in reaped.launchers and "sleep" in reaped.processes
+        assert f"pid {dead.split(':')[0]}" in reaped.line() and str(workdir) in reaped.line()
+    finally:
+        for p in (orphan, mine):
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.slow
@@ -533,6 +660,97 @@ def _wait_for_cmd(mark: str, needle: str, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"no '{needle}' process within {timeout}s: {describe_procs(marked(mark))}")
+
+
+def _fedvit_run(tiny_app: Path, cwd: Path, *run_config: str) -> list[str]:
+    """The ``fedvit run`` command line of this environment for the tiny app (2 SuperNodes)."""
+    cmd = [str(Path(sys.executable).parent / "fedvit"), "run", str(tiny_app)]
+    for item in run_config:
+        cmd += ["-c", item]
+    return [*cmd, "--federation-config", "num-supernodes=2"]
+
+
+def _start_sleeping_run(
+    tiny_app: Path, tmp_path: Path, mark: str
+) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """A real ``fedvit run`` whose ServerApp sleeps 120 s, once its simulation runs: the launcher
+    and its SuperLink's environment (tag, launcher id, work dir)."""
+    launcher = subprocess.Popen(
+        _fedvit_run(tiny_app, tmp_path, "sleep=120.0"),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # signals go to the launcher alone
+    )
+    _wait_for_cmd(mark, "flwr-simulation", 90)
+    link = [p for p in marked(mark) if "flower-superlink" in " ".join(describe_procs([p]))]
+    assert len(link) == 1, describe_procs(marked(mark))
+    env = proc_environ(link[0].pid)
+    assert env[procs.LAUNCHER_VAR].split(":")[0] == str(launcher.pid)
+    assert Path(env[procs.WORKDIR_VAR]).is_dir()
+    return launcher, env
+
+
+def _left_of(env: dict[str, str]) -> list[runner.Proc]:
+    """Live processes of the run whose SuperLink has environment ``env`` (by its tag or launcher)."""
+    found = {p.pid: p for p in tagged_processes(env[runner.TAG_VAR])}
+    found.update((p.pid, p) for p in tagged_processes(env[procs.LAUNCHER_VAR], procs.LAUNCHER_VAR))
+    return list(found.values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_sigkill_of_the_launcher_leaves_nothing_running(tiny_app: Path, tmp_path: Path, mark: str) -> None:
+    # What a CI timeout or the OOM killer does: no handler runs in the launcher; its watchdog acts.
+    launcher, env = _start_sleeping_run(tiny_app, tmp_path, mark)
+    try:
+        assert len(_left_of(env)) >= 3  # SuperLink, SuperExec, simulation (and Ray)
+        launcher.kill()
+        launcher.wait(timeout=10)
+        _wait_until(lambda: not _left_of(env), 30, f"teardown: {describe_procs(_left_of(env))}")
+        _wait_until(lambda: not Path(env[procs.WORKDIR_VAR]).exists(), 10, "work dir removal")
+        _wait_until(lambda: not marked(mark), 10, f"all gone: {describe_procs(marked(mark))}")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        kill_processes(marked(mark), grace_s=1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_next_run_reaps_what_a_dead_launcher_and_its_dead_watchdog_left(
+    tiny_app: Path, tmp_path: Path, mark: str
+) -> None:
+    launcher, env = _start_sleeping_run(tiny_app, tmp_path, mark)
+    try:
+        dogs = [p for p in marked(mark) if "fedvit.launch.watchdog" in " ".join(describe_procs([p]))]
+        assert len(dogs) == 1, describe_procs(marked(mark))
+        dogs[0].signal(signal.SIGKILL)
+        launcher.kill()
+        launcher.wait(timeout=10)
+        time.sleep(3)
+        left = _left_of(env)
+        assert any("flower-superlink" in c for c in describe_procs(left))  # headless, for good
+        res = subprocess.run(
+            _fedvit_run(tiny_app, tmp_path, "output-dir=out"),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        said = [line for line in res.stderr.splitlines() if "reaped" in line]
+        assert len(said) == 1, res.stderr[-3000:]
+        assert re.search(rf"dead fedvit launcher\(s\) \(pid [0-9, ]*\b{launcher.pid}\b", said[0]), said[0]
+        assert "flower-superlink" in said[0] and "flwr-simulation" in said[0]
+        assert f"removed {env[procs.WORKDIR_VAR]}" in said[0]
+        assert not any(p.alive() for p in left) and not Path(env[procs.WORKDIR_VAR]).exists()
+        assert (tmp_path / "out" / "result.json").is_file()  # and the run itself went as usual
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        kill_processes(marked(mark), grace_s=1)
+    assert marked(mark) == [], describe_procs(marked(mark))
 
 
 @pytest.mark.slow
