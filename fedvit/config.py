@@ -32,6 +32,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedvit.errors import ConfigError  # users import it from here; defined import-free for low modules
+
 
 def _find_conf_dir() -> Path:
     """``conf/`` beside the package (source tree, FAB) or inside it (wheel install)."""
@@ -43,11 +45,6 @@ def _find_conf_dir() -> Path:
 
 
 CONF_DIR = _find_conf_dir()
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key in the message."""
-
 
 # --------------------------------------------------------------------------- schema
 

@@ -19,6 +19,8 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from fedvit.errors import ConfigError
+
 T = TypeVar("T")
 _STRATEGIES: dict[str, type] = {}
 _CLIENTS: dict[str, type] = {}
@@ -84,8 +86,6 @@ def get_client(name: str) -> Any:
 
 def option_error(key: str, message: str) -> Exception:
     """The one error for a bad ``method.options.<key>`` (raise it from an ``Options.__post_init__``)."""
-    from fedvit.config import ConfigError
-
     return ConfigError(f"key 'method.options.{key}': {message}")
 
 
@@ -97,8 +97,6 @@ def _schema_fields(cls: type) -> set[str]:
 def _typed(cls: type, values: dict[str, Any], role: str) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from fedvit.config import ConfigError
 
     schema = getattr(cls, "Options", None)
     if schema is None:
@@ -115,8 +113,6 @@ def _typed(cls: type, values: dict[str, Any], role: str) -> Any:
 def method_options(cfg: Any) -> tuple[Any, Any]:
     """(client options, strategy options) of ``cfg.method``: typed instances of each class's
     ``Options`` dataclass (``None`` for a class without options)."""
-    from fedvit.config import ConfigError
-
     client_cls, strategy_cls = get_client(cfg.method.client), get_strategy(cfg.method.strategy)
     options = dict(cfg.method.options)
     client_keys, strategy_keys = _schema_fields(client_cls), _schema_fields(strategy_cls)

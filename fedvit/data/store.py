@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fedvit.config import ConfigError
+from fedvit.errors import ConfigError
 
 
 class DataError(ConfigError):
