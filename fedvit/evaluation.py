@@ -9,6 +9,7 @@ mean weighted by test examples, std, quantiles 10/50/90, min and max.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,13 @@ def summarize(values: Mapping[int, float], weights: Mapping[int, float] | None =
         w = np.array([float(weights.get(c, 0.0)) for c in ids])
         out["weighted_mean"] = float((v * w).sum() / w.sum()) if w.sum() > 0 else float("nan")
     return out
+
+
+def eval_mode(round_entry: Mapping[str, Any]) -> str:
+    """``full`` (every client evaluated) or ``sampled`` for an evaluated round of ``results.json``
+    (records written before sampled evaluation existed are full). Here, below both
+    :mod:`fedvit.results` and :mod:`fedvit.plots`, which read it."""
+    return str(round_entry["eval"].get("mode", "full"))
 
 
 def flops_per_sample(model: nn.Module, example: tuple[int, ...] | torch.Tensor) -> int:

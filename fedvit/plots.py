@@ -19,7 +19,7 @@ from matplotlib.collections import LineCollection
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-from fedvit.results import eval_mode
+from fedvit.evaluation import eval_mode
 
 
 def _evaluated(data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedvit.evaluation import summarize
+from fedvit.evaluation import eval_mode, summarize
 
 SCHEMA = "fedvit.results/1"
 EVAL_METRICS = ("test-acc", "test-loss", "val-acc", "val-loss")
@@ -53,12 +53,6 @@ def default_run_name(method: str, dataset: str) -> str:
 
 def _key(metric: str) -> str:
     return metric.replace("-", "_")
-
-
-def eval_mode(round_entry: dict[str, Any]) -> str:
-    """``full`` (every client evaluated) or ``sampled`` for an evaluated round of ``results.json``
-    (records written before sampled evaluation existed are full)."""
-    return str(round_entry["eval"].get("mode", "full"))
 
 
 class RunRecorder:
