@@ -35,9 +35,9 @@ from torch import nn
 from clients.base import ClientSetup, PartialClient, trainable_only
 from fedvit.params import get_arrays, set_arrays
 from fedvit.registry import option_error, register_client
+from fedvit.robust import ATTACKS
 from fedvit.training import TrainResult, cycle, train_local
 
-ATTACKS = ("none", "sign-flip", "gaussian", "label-flip")
 UNITS = ("steps", "epochs")
 
 

@@ -33,6 +33,9 @@ from flwr.server.strategy.aggregate import (
 )
 
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+#: How a simulated attacker misbehaves (robustness experiments): the FFGG strategy chooses who
+#: attacks and names the attack in its message config; the FFGG client carries it out.
+ATTACKS = ("none", "sign-flip", "gaussian", "label-flip")
 
 
 def robust_aggregate(

@@ -26,9 +26,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 
-from clients.ffgg import ATTACKS
 from fedvit.registry import option_error, register_strategy
-from fedvit.robust import AGGREGATORS, robust_aggregate
+from fedvit.robust import AGGREGATORS, ATTACKS, robust_aggregate
 from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record
 
 
