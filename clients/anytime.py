@@ -34,11 +34,10 @@ from torch import nn
 
 from clients.base import ClientSetup, PartialClient, trainable_only
 from fedvit.config import ConfigError, FedvitConfig
-from fedvit.models.anytime import AnytimeViT, keys_up_to
+from fedvit.models.anytime import AnytimeViT, client_tier, keys_up_to
 from fedvit.params import ParameterSplit, get_arrays, parameter_groups, set_arrays
 from fedvit.registry import method_options, option_error, register_client
 from fedvit.training import TrainingError, TrainResult, count_steps, cycle, make_loader, make_optimizer
-from strategies.anytime import client_tier
 
 FINETUNE_PARTS = ("adapters", "head", "all")
 NODE_TIER_KEY = "max-depth"

@@ -22,15 +22,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedvit.evaluation import flops_per_sample
-from fedvit.models.anytime import AnytimeViT, keys_up_to
+from fedvit.models.anytime import AnytimeViT, client_tier, keys_up_to
 from fedvit.params import UpdateError, count, parameter_groups
 from fedvit.registry import option_error, register_strategy
 from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record, weighted_mean
-
-
-def client_tier(tiers: Sequence[int], client_id: int, full_depth: int) -> int:
-    """Client ``client_id``'s max depth: ``tiers[client_id % len(tiers)]``, or ``full_depth``."""
-    return int(tiers[client_id % len(tiers)]) if tiers else full_depth
 
 
 @register_strategy("anytime")

@@ -52,6 +52,13 @@ def keys_up_to(keys: Sequence[str], depth: int) -> tuple[str, ...]:
     return tuple(k for k in keys if (d := adapter_depth(k)) is None or d <= depth)
 
 
+def client_tier(tiers: Sequence[int], client_id: int, full_depth: int) -> int:
+    """Client ``client_id``'s configured max depth (``model.anytime.tiers``): ``tiers[client_id %
+    len(tiers)]``, or ``full_depth`` when no tiers are configured. The client (a device may declare
+    its own) and the server (before the client has reported) both start from it."""
+    return int(tiers[client_id % len(tiers)]) if tiers else full_depth
+
+
 class ClientToken(nn.Module):
     """A learned token (``width``) every adapter reads beside the class tokens."""
 
