@@ -673,7 +673,7 @@ def _fedvit_run(tiny_app: Path, cwd: Path, *run_config: str) -> list[str]:
 def _start_sleeping_run(
     tiny_app: Path, tmp_path: Path, mark: str
 ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    """A real ``fedvit run`` whose ServerApp sleeps 120 s, once its simulation runs: the launcher
+    """A real ``fedvit run`` whose ServerApp sleeps 120 s, once its simulation and Ray run: the launcher
     and its SuperLink's environment (tag, launcher id, work dir)."""
     launcher = subprocess.Popen(
         _fedvit_run(tiny_app, tmp_path, "sleep=120.0"),
@@ -682,7 +682,7 @@ def _start_sleeping_run(
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # signals go to the launcher alone
     )
-    _wait_for_cmd(mark, "flwr-simulation", 90)
+    _wait_for_cmd(mark, "raylet", 90)  # the simulation runs, with its Ray cluster
     link = [p for p in marked(mark) if "flower-superlink" in " ".join(describe_procs([p]))]
     assert len(link) == 1, describe_procs(marked(mark))
     env = proc_environ(link[0].pid)
@@ -704,7 +704,7 @@ def test_sigkill_of_the_launcher_leaves_nothing_running(tiny_app: Path, tmp_path
     # What a CI timeout or the OOM killer does: no handler runs in the launcher; its watchdog acts.
     launcher, env = _start_sleeping_run(tiny_app, tmp_path, mark)
     try:
-        assert len(_left_of(env)) >= 3  # SuperLink, SuperExec, simulation (and Ray)
+        assert len(_left_of(env)) >= 6  # SuperLink, SuperExec, simulation, Ray (GCS, raylet ...), flwr CLI
         launcher.kill()
         launcher.wait(timeout=10)
         _wait_until(lambda: not _left_of(env), 30, f"teardown: {describe_procs(_left_of(env))}")
@@ -742,7 +742,9 @@ def test_the_next_run_reaps_what_a_dead_launcher_and_its_dead_watchdog_left(
         said = [line for line in res.stderr.splitlines() if "reaped" in line]
         assert len(said) == 1, res.stderr[-3000:]
         assert re.search(rf"dead fedvit launcher\(s\) \(pid [0-9, ]*\b{launcher.pid}\b", said[0]), said[0]
-        assert "flower-superlink" in said[0] and "flwr-simulation" in said[0]
+        assert all(
+            name in said[0] for name in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet")
+        )
         assert f"removed {env[procs.WORKDIR_VAR]}" in said[0]
         assert not any(p.alive() for p in left) and not Path(env[procs.WORKDIR_VAR]).exists()
         assert (tmp_path / "out" / "result.json").is_file()  # and the run itself went as usual

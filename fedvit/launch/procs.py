@@ -121,11 +121,15 @@ def proc_name(pid: int) -> str:
     if not words:
         return "?"
     # `python /path/flower-superlink ...`, `python -m fedvit...`: the script, not the interpreter
-    if Path(words[0]).name.startswith("python") and len(words) > 1:
+    if Path(words[0]).name.startswith("python"):
         rest = words[1:]
-        if rest[0] in ("-m", "-c") and len(rest) > 1:
-            return rest[1] if rest[0] == "-m" else "python -c"
-        return Path(rest[0]).name
+        while rest and rest[0].startswith("-") and rest[0] not in ("-m", "-c"):
+            rest = rest[2:] if rest[0] in ("-X", "-W") else rest[1:]  # interpreter options (-u, -X a ...)
+        if not rest:
+            return Path(words[0]).name
+        if rest[0] == "-m":
+            return rest[1] if len(rest) > 1 else "python -m"
+        return "python -c" if rest[0] == "-c" else Path(rest[0]).name
     return Path(words[0]).name
 
 
