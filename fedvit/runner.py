@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedvit.config import ConfigError
+from fedvit.errors import ConfigError
 from fedvit.launch.errors import RunnerError
 from fedvit.launch.prepare import (
     FEDERATION_CONFIG_KEYS,

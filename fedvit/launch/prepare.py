@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedvit.config import ConfigError
+from fedvit.errors import ConfigError
 from fedvit.launch.runconfig import absolutize_paths, toml_value
 from fedvit.warmup import RUNTIME_ENV_HOOK
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedvit.config import ConfigError
+from fedvit.errors import ConfigError
 from fedvit.launch.prepare import PreparedRun
 
 #: What Ray's ``ray.init()`` reads when called without an address, as Flower's RayBackend calls

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedvit.config import ConfigError
+from fedvit.errors import ConfigError
 
 #: Run-config keys that hold local paths (made absolute against the caller's cwd).
 PATH_KEYS = ("data-dir", "output-dir", "resume")
