@@ -17,20 +17,18 @@ alternating phases), :meth:`personalize_for_eval` (e.g. FedBABU's head fine-tuni
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.client import NumPyClient
 from torch import nn
 
+from fedvit.clientsetup import ClientSetup
 from fedvit.config import ConfigError, FedvitConfig
 from fedvit.params import ParameterSplit, check_arrays, get_arrays, set_arrays
 from fedvit.registry import method_options, register_client
-from fedvit.state import PrivateStore
 from fedvit.training import EvalResult, TrainResult, evaluate, make_loader, train_local
 
 
@@ -50,20 +48,6 @@ def trainable_only(model: nn.Module, keys: Iterable[str]) -> Iterator[list[nn.Pa
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
-
-
-@dataclass
-class ClientSetup:
-    """Everything a client needs, built once per message by the ClientApp adapter."""
-
-    cfg: FedvitConfig
-    client_id: int
-    model: nn.Module
-    split: ParameterSplit
-    data: Any  # fedvit.data.ClientDatasets
-    store: PrivateStore
-    device: torch.device
-    node_config: Mapping[str, Any] = field(default_factory=dict)  # the SuperNode's --node-config
 
 
 @register_client("partial")

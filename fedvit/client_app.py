@@ -38,8 +38,8 @@ import torch  # noqa: F401  (imported at module top, as Flower's ClientApp needs
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.base import ClientSetup
 from fedvit import worker
+from fedvit.clientsetup import ClientSetup
 from fedvit.config import FedvitConfig, fingerprint, load_config, to_dict
 from fedvit.params import ParameterSplit
 from fedvit.registry import get_client
