@@ -563,6 +563,34 @@ def test_reap_orphans_kills_what_a_dead_launcher_left_and_spares_live_launchers(
             p.wait()
 
 
+def test_reap_orphans_also_finds_renamed_processes_by_tag_and_by_parent() -> None:
+    # Ray's processes rename themselves (setproctitle), which can hide a variable or both from
+    # /proc/<pid>/environ: here one has the tag only, another neither (but a reaped parent).
+    gone = subprocess.Popen(["sleep", "30"])
+    dead = procs.launcher_id(gone.pid)
+    gone.kill()
+    gone.wait()
+    tag = uuid.uuid4().hex
+    base = {k: v for k, v in os.environ.items() if k not in (procs.LAUNCHER_VAR, runner.TAG_VAR)}
+    parent = subprocess.Popen(
+        ["bash", "-c", f"env -u {procs.LAUNCHER_VAR} -u {runner.TAG_VAR} sleep 300 & wait"],
+        env={**base, procs.LAUNCHER_VAR: dead, runner.TAG_VAR: tag},
+    )
+    tag_only = subprocess.Popen(["sleep", "300"], env={**base, runner.TAG_VAR: tag})
+    try:
+        _wait_until(lambda: len(descendants(parent.pid)) == 2, 10, "the parent's child")
+        tree = descendants(parent.pid)
+        child = next(p for p in tree if p.pid != parent.pid)
+        assert not {procs.LAUNCHER_VAR, runner.TAG_VAR} & set(proc_environ(child.pid))
+        reaped = procs.reap_orphans([dead])
+        assert reaped is not None and reaped.processes.count("sleep") == 2
+        assert not any(p.alive() for p in tree) and tag_only.wait(timeout=10) is not None
+    finally:
+        for p in (parent, tag_only):
+            p.kill()
+            p.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_superlinks_start_side_by_side_and_teardown_leaves_nothing(tmp_path: Path, mark: str) -> None:
@@ -692,9 +720,13 @@ def _start_sleeping_run(
 
 
 def _left_of(env: dict[str, str]) -> list[runner.Proc]:
-    """Live processes of the run whose SuperLink has environment ``env`` (by its tag or launcher)."""
+    """Live processes of the run whose SuperLink has environment ``env``: by its tag or launcher,
+    and their descendants (Ray's renamed processes may no longer show either variable)."""
     found = {p.pid: p for p in tagged_processes(env[runner.TAG_VAR])}
     found.update((p.pid, p) for p in tagged_processes(env[procs.LAUNCHER_VAR], procs.LAUNCHER_VAR))
+    snapshot = runner.all_procs()
+    for p in list(found.values()):
+        found.update((d.pid, d) for d in descendants(p.pid, snapshot))
     return list(found.values())
 
 
@@ -746,7 +778,8 @@ def test_the_next_run_reaps_what_a_dead_launcher_and_its_dead_watchdog_left(
             name in said[0] for name in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet")
         )
         assert f"removed {env[procs.WORKDIR_VAR]}" in said[0]
-        assert not any(p.alive() for p in left) and not Path(env[procs.WORKDIR_VAR]).exists()
+        assert not any(p.alive() for p in left), describe_procs([p for p in left if p.alive()])
+        assert not Path(env[procs.WORKDIR_VAR]).exists(), list(Path(env[procs.WORKDIR_VAR]).rglob("*"))[:20]
         assert (tmp_path / "out" / "result.json").is_file()  # and the run itself went as usual
     finally:
         if launcher.poll() is None:

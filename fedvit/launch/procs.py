@@ -264,16 +264,19 @@ def orphans(launchers: Iterable[str] | None = None) -> dict[Proc, dict[str, str]
     """Live processes whose launcher is dead, with their environments.
 
     ``launchers``: only those of these launcher ids (dead or not: the watchdog calls this when
-    its launcher died); default every launcher that no longer exists.
+    its launcher died); default every launcher that no longer exists. Also found: processes with
+    the :data:`TAG_VAR` of one found, and the descendants of those found. Ray's processes rename
+    themselves (``setproctitle``), which overwrites part of what ``/proc/<pid>/environ`` shows:
+    such a process may have lost one variable or both. In the environments returned,
+    :data:`LAUNCHER_VAR` is the launcher a process was found by.
     """
     wanted = set(launchers) if launchers is not None else None
     me = os.getpid()
     alive: dict[str, bool] = {}
+    procs = [p for p in all_procs() if p.pid != me and p.state not in "ZX"]
+    envs = {p: proc_environ(p.pid) for p in procs}
     out = {}
-    for p in all_procs():
-        if p.pid == me or p.state in "ZX":
-            continue
-        env = proc_environ(p.pid)
+    for p, env in envs.items():
         launcher = env.get(LAUNCHER_VAR)
         if not launcher:
             continue
@@ -285,6 +288,21 @@ def orphans(launchers: Iterable[str] | None = None) -> dict[Proc, dict[str, str]
             alive[launcher] = launcher_alive(launcher)
         if not alive[launcher]:
             out[p] = env
+    # The rest stand for the launcher they are found by (never for one their own environment names).
+    tags = {env[TAG_VAR]: env[LAUNCHER_VAR] for env in out.values() if env.get(TAG_VAR)}
+    for p, env in envs.items():
+        if p not in out and env.get(TAG_VAR) in tags:
+            out[p] = {**env, LAUNCHER_VAR: tags[env[TAG_VAR]]}
+    children: dict[int, list[Proc]] = {}
+    for p in procs:
+        children.setdefault(p.ppid, []).append(p)
+    todo = list(out)
+    while todo:
+        parent = todo.pop()
+        for child in children.get(parent.pid, []):
+            if child not in out:
+                out[child] = {**envs[child], LAUNCHER_VAR: out[parent][LAUNCHER_VAR]}
+                todo.append(child)
     return out
 
 
