@@ -90,8 +90,9 @@ def per_client(block: dict[str, Any], keys: tuple[str, ...]) -> dict[str, dict[s
     return {k: {c: block["per_client"][c].get(k) for c in clients} for k in keys}
 
 
-def run_method(method: str, workdir: Path) -> dict[str, Any]:
-    """One method's 2-round tiny federation; its per-round numbers and checkpoint digest."""
+def run_method(method: str, workdir: Path, extra: str = "") -> dict[str, Any]:
+    """One method's 2-round tiny federation; its per-round numbers and checkpoint digest.
+    ``extra``: further overrides (e.g. ``clients.device=cuda``); a baseline is made without."""
     import numpy as np
     import torch
 
@@ -108,7 +109,7 @@ def run_method(method: str, workdir: Path) -> dict[str, Any]:
         "num-clients": CLIENTS,
         "output-dir": str(workdir / "out"),
         "run-name": method,
-        "overrides": f"{TINY} data.cache_dir={workdir / 'cache'} {EXTRA.get(method, '')}".strip(),
+        "overrides": f"{TINY} data.cache_dir={workdir / 'cache'} {EXTRA.get(method, '')} {extra}".strip(),
     }
     run_dir = run(InProcessGrid(rc, CLIENTS), load_config(rc))
     results = json.loads((run_dir / "results.json").read_text())

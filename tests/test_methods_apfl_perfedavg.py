@@ -246,7 +246,11 @@ def test_apfl_with_alpha_zero_is_fedavg(tmp_path: Path) -> None:
     fixed_zero = "method.options.alpha=0 method.options.adaptive_alpha=false"
     apfl, _ = federate(tmp_path, "apfl", rounds=1, extra=fixed_zero)
     fedavg, _ = federate(tmp_path, "fedavg", rounds=1)
-    assert apfl["rounds"][0]["eval"]["per_client"] == fedavg["rounds"][0]["eval"]["per_client"]
+    ours, theirs = apfl["rounds"][0]["eval"]["per_client"], fedavg["rounds"][0]["eval"]["per_client"]
+    if torch.cuda.is_available():  # the GPU's kernels differ from run to run in the last bits
+        assert ours == pytest.approx(theirs, rel=1e-4)
+    else:
+        assert ours == theirs
 
 
 # ----------------------------------------------------------------------------- Per-FedAvg

@@ -74,15 +74,22 @@ def test_messages_are_dealt_to_workers_largest_first() -> None:
             return [11, 22]
 
     messages = [
-        Message(RecordDict({"config": ConfigRecord({"client-id": c})}), dst_node_id=virtual_address(c),
-                message_type=MessageType.TRAIN)
+        Message(
+            RecordDict({"config": ConfigRecord({"client-id": c})}),
+            dst_node_id=virtual_address(c),
+            message_type=MessageType.TRAIN,
+        )
         for c in sizes
     ]
     addresses = strategy.route(Grid(), messages)
     by_client = {addresses[id(m)]: m.metadata.dst_node_id for m in messages}
     # sorted 9 (client 2), 5 (0), 3 (3), 1 (1), dealt round-robin: the first pass carries 9 and 5
-    assert by_client == {virtual_address(2): 11, virtual_address(0): 22, virtual_address(3): 11,
-                         virtual_address(1): 22}
+    assert by_client == {
+        virtual_address(2): 11,
+        virtual_address(0): 22,
+        virtual_address(3): 11,
+        virtual_address(1): 22,
+    }
 
 
 def test_virtual_clients_are_unavailable_without_a_live_worker() -> None:
@@ -114,4 +121,3 @@ def test_more_supernodes_than_clients_is_refused(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     with pytest.raises(ConfigError, match="at most one per client"):
         run_flwr(repo, {"num-clients": 3, "output-dir": str(tmp_path)}, num_supernodes=4, stream=False)
-

@@ -113,8 +113,13 @@ def test_a_rewritten_data_file_is_reloaded(tmp_path: Path) -> None:
     path = tmp_path / "d.npz"
 
     def write(n: int) -> None:
-        np.savez(path, train_images=images[:n], train_labels=digits.target[:n],
-                 test_images=images[1000:1200], test_labels=digits.target[1000:1200])
+        np.savez(
+            path,
+            train_images=images[:n],
+            train_labels=digits.target[:n],
+            test_images=images[1000:1200],
+            test_labels=digits.target[1000:1200],
+        )
 
     write(600)
     extra = f"data.source=medmnist-npz data.path={path} data.num_classes=10 data.in_chans=1"
