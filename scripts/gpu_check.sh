@@ -7,6 +7,7 @@
 # WHEEL_DIR (optional): wheels of what that machine's Python lacks (flwr, omegaconf, ... for an image
 # that has torch but not Flower; installed --no-deps, nothing fetched). OUT_DIR (default: gpu-check/)
 # receives the pytest log, its JUnit XML and gpu-timing.json (train-step seconds on the GPU).
+# GPU_CHECK_INSTALL_ONLY=1: install the wheels and stop (to run something else on that machine).
 set -uo pipefail
 WHEELS=${1:-}
 OUT=${2:-gpu-check}
@@ -33,6 +34,8 @@ if [[ -n "$WHEELS" ]]; then
     "$PY" -m pip install -q --no-index --no-deps "${missing[@]}" || exit 1
   fi
 fi
+
+[[ -n "${GPU_CHECK_INSTALL_ONLY:-}" ]] && exit 0
 
 nvidia-smi -L
 "$PY" -c "import torch, flwr; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
