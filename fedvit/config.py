@@ -211,6 +211,18 @@ class OutputConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Client-level differential privacy of the shared split (fedvit.privacy, docs/privacy.md)."""
+
+    enabled: bool = False
+    clip: float = 1.0  # L2 bound of each client's shared update
+    noise_multiplier: float | None = None  # z: noise std z*clip/(clients per round) on the mean update
+    target_epsilon: float | None = None  # instead of z: the z that reaches this epsilon after num_rounds
+    delta: float = 1e-5  # must be < 1/clients.num_clients
+    sampling: str = "poisson"  # accounting: poisson (rate = clients per round / clients) | none (rate 1)
+
+
+@dataclass
 class FedvitConfig:
     """The whole, validated configuration of one run."""
 
@@ -223,6 +235,7 @@ class FedvitConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    dp: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 # Flower run-config key -> dotted key in FedvitConfig.
@@ -568,6 +581,9 @@ def validate(cfg: FedvitConfig) -> None:
     )
     _check(cfg.method.client in known_clients, "method.client", f"must be one of {sorted(known_clients)}")
     method_options(cfg)  # typed method.options: unknown keys and wrong types raise here
+    from fedvit.privacy import check as check_privacy
+
+    check_privacy(cfg)  # dp: its values, and whether the method's strategy accepts it
 
 
 def _validate_anytime(cfg: FedvitConfig) -> None:

@@ -1,0 +1,231 @@
+"""Client-level differential privacy of the shared split (fedvit.privacy, docs/privacy.md)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedvit import privacy
+from fedvit.config import ConfigError, load_config
+from fedvit.privacy import SharedDP
+
+
+def updates(rng: np.random.Generator, scales: list[float]) -> list[dict[str, np.ndarray]]:
+    """One two-array update per scale, with L2 norm ``scale`` over both arrays."""
+    out = []
+    for s in scales:
+        u = {"w": rng.normal(size=(7, 5)), "b": rng.normal(size=3)}
+        norm = math.sqrt(sum(float((a**2).sum()) for a in u.values()))
+        out.append({k: (a * s / norm).astype(np.float32) for k, a in u.items()})
+    return out
+
+
+def norm(u: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float((np.asarray(a, np.float64) ** 2).sum()) for a in u.values()))
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def test_clip_bounds_the_norm_over_all_arrays_and_keeps_the_direction() -> None:
+    rng = np.random.default_rng(0)
+    for u in updates(rng, [0.3, 1.0, 2.5, 40.0]):
+        c = privacy.clip(u, 1.0)
+        assert norm(c) <= 1.0 + 1e-9
+        factor = min(1.0, 1.0 / norm(u))  # one factor for every array: the direction is kept
+        for k in u:
+            np.testing.assert_allclose(c[k], u[k].astype(np.float64) * factor, rtol=1e-6)
+
+
+def test_clip_keeps_an_all_zero_update_and_refuses_a_bad_bound() -> None:
+    zero = {"w": np.zeros((2, 2), np.float32)}
+    np.testing.assert_array_equal(privacy.clip(zero, 1.0)["w"], 0.0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        privacy.clip(zero, 0.0)
+
+
+def test_release_bounds_every_clients_shared_update() -> None:
+    """With (almost) no noise, the released change is the mean of the clipped updates: one client
+    with a huge update moves the shared part by at most C / m."""
+    rng = np.random.default_rng(1)
+    current = {"w": rng.normal(size=(7, 5)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    deltas = updates(rng, [0.2, 0.5, 1e6])
+    replies = [{k: current[k] + d[k] for k in current} for d in deltas]
+    dp = SharedDP(
+        clip_norm=1.0, noise_multiplier=1e-9, delta=1e-5, num_sampled=4, num_clients=10, rng=rng
+    )
+    out, info = dp.release(3, replies, current)
+    change = {k: out[k].astype(np.float64) - current[k] for k in current}
+    expected = {
+        k: sum(privacy.clip(d, 1.0)[k] for d in deltas) / 4 for k in current  # fixed denominator m = 4
+    }
+    for k in current:
+        np.testing.assert_allclose(change[k], expected[k], atol=1e-5)
+        assert out[k].dtype == current[k].dtype
+    assert norm(change) <= (0.2 + 0.5 + 1.0) / 4 + 1e-5
+    assert (info.clients, info.clipped, info.round) == (3, 1, 3)
+    assert info.epsilon == pytest.approx(privacy.epsilon(3, 0.4, 1e-9, 1e-5))
+
+
+def test_release_of_updates_without_reference_is_the_noised_mean_of_clipped_updates() -> None:
+    """FFGG's replies are gradients: the release is their clipped mean (plus noise), not a model."""
+    rng = np.random.default_rng(2)
+    grads = updates(rng, [3.0, 0.5])
+    dp = SharedDP(clip_norm=1.0, noise_multiplier=1e-9, delta=1e-5, num_sampled=2, num_clients=2, rng=rng)
+    out, info = dp.release(1, grads, None)
+    for k in grads[0]:
+        np.testing.assert_allclose(out[k], (privacy.clip(grads[0], 1.0)[k] + grads[1][k]) / 2, atol=1e-6)
+    assert info.clipped == 1
+
+
+def test_release_refuses_more_updates_than_the_noise_is_calibrated_for() -> None:
+    dp = SharedDP(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, num_sampled=2, num_clients=5)
+    u = {"w": np.zeros(3, np.float32)}
+    with pytest.raises(ValueError, match="more than the 2 sampled"):
+        dp.release(1, [u, u, u], u)
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def test_noise_std_is_noise_multiplier_times_clip_over_sampled_clients() -> None:
+    rng = np.random.default_rng(3)
+    zeros = {"a": np.zeros((400, 500), np.float32), "b": np.zeros(100_000, np.float32)}
+    z, c, m = 1.3, 0.5, 4
+    noised = privacy.noise(zeros, c, z, m, rng)
+    sample = np.concatenate([noised["a"].ravel(), noised["b"].ravel()]).astype(np.float64)
+    want = z * c / m
+    # 300k draws: the sample std is within 1% of sigma (its relative standard error is 0.13%)
+    assert sample.std() == pytest.approx(want, rel=0.01)
+    assert abs(sample.mean()) < 5 * want / math.sqrt(sample.size)
+    assert noised["a"].dtype == np.float32
+    # the same draws again from the same seed; different ones from another
+    again = privacy.noise(zeros, c, z, m, np.random.default_rng(3))
+    np.testing.assert_array_equal(again["a"], noised["a"])
+    assert not np.array_equal(privacy.noise(zeros, c, z, m, np.random.default_rng(4))["a"], noised["a"])
+
+
+def test_release_adds_the_noise_to_the_mean_update() -> None:
+    """All clients send back what they got: the released change is pure noise of std z·C/m."""
+    rng = np.random.default_rng(5)
+    current = {"w": np.full((300, 300), 0.25, np.float32)}
+    dp = SharedDP(clip_norm=2.0, noise_multiplier=0.8, delta=1e-5, num_sampled=5, num_clients=20, rng=rng)
+    out, info = dp.release(1, [current] * 5, current)
+    change = out["w"].astype(np.float64) - 0.25
+    assert change.std() == pytest.approx(0.8 * 2.0 / 5, rel=0.02)
+    assert info.noise_std == pytest.approx(0.8 * 2.0 / 5)
+    assert info.clipped == 0
+
+
+def test_default_generator_is_not_reproducible() -> None:
+    """Without an injected generator the noise comes from OS entropy (never from cfg.seed)."""
+    u = {"w": np.zeros(1000, np.float32)}
+    draws = [
+        SharedDP(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, num_sampled=1, num_clients=2).release(
+            1, [u], u
+        )[0]["w"]
+        for _ in range(2)
+    ]
+    assert not np.array_equal(draws[0], draws[1])
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def test_epsilon_decreases_with_noise_and_grows_with_rounds() -> None:
+    eps = {(z, t): privacy.epsilon(t, 0.1, z, 1e-5) for z in (0.8, 1.0, 2.0, 4.0) for t in (1, 10, 100)}
+    for t in (1, 10, 100):
+        assert eps[(0.8, t)] > eps[(1.0, t)] > eps[(2.0, t)] > eps[(4.0, t)] > 0
+    for z in (0.8, 1.0, 2.0, 4.0):
+        assert eps[(z, 1)] < eps[(z, 10)] < eps[(z, 100)]
+    assert privacy.epsilon(0, 0.1, 1.0, 1e-5) == 0.0
+    # amplification by sampling: fewer clients per round, less privacy spent
+    assert privacy.epsilon(10, 0.05, 1.0, 1e-5) < privacy.epsilon(10, 0.5, 1.0, 1e-5)
+
+
+def test_epsilon_matches_flowers_rdp_accountant() -> None:
+    """100 clients, 10 per round (Poisson), z = 1, 100 rounds, δ = 1e-5: the same ε as Flower's own
+    accountant (flwr.supercore.privacy_accounting, its wrapper of dp-accounting) after 100 releases."""
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    flower = RdpAccountant(
+        PrivacyConfig(
+            target_delta=1e-5,
+            population_size=100,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.POISSON,
+        )
+    )
+    flower.compose(GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=10, population_size=100), 100)
+    assert privacy.epsilon(100, 0.1, 1.0, 1e-5) == pytest.approx(flower.get_epsilon(1e-5), rel=1e-9)
+
+
+@pytest.mark.parametrize(("z", "rounds"), [(1.0, 1), (2.0, 10), (5.0, 100)])
+def test_epsilon_without_sampling_bounds_the_exact_gaussian_epsilon(z: float, rounds: int) -> None:
+    """Without sampling, r rounds of the Gaussian mechanism are one Gaussian mechanism with noise
+    multiplier z/√r, whose exact ε (Balle & Wang 2018, dp-accounting's get_epsilon_gaussian) the RDP
+    bound must not undercut, and meets within 10%."""
+    import dp_accounting
+
+    exact = dp_accounting.get_epsilon_gaussian(z / math.sqrt(rounds), 1e-5)
+    rdp = privacy.epsilon(rounds, 1.0, z, 1e-5)
+    assert exact <= rdp <= 1.1 * exact
+
+
+def test_noise_for_epsilon_is_the_smallest_noise_within_the_budget() -> None:
+    z = privacy.noise_for_epsilon(3.0, 50, 0.25, 1e-5)
+    assert privacy.epsilon(50, 0.25, z, 1e-5) <= 3.0
+    assert privacy.epsilon(50, 0.25, 0.99 * z, 1e-5) > 3.0
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def rc(**overrides: str) -> dict:
+    extra = " ".join(f"dp.{k}={v}" for k, v in overrides.items())
+    return {"method": "fedavg", "num-clients": 10, "overrides": f"dp.enabled=true {extra}"}
+
+
+def test_dp_is_off_by_default() -> None:
+    cfg = load_config({"method": "fedavg"})
+    assert cfg.dp.enabled is False
+    assert SharedDP.from_config(cfg) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"noise_multiplier": "1.0", "clip": "0"}, "dp.clip"),
+        ({}, "exactly one of dp.noise_multiplier and dp.target_epsilon"),
+        ({"noise_multiplier": "1.0", "target_epsilon": "3"}, "exactly one"),
+        ({"noise_multiplier": "-1"}, "dp.noise_multiplier"),
+        ({"target_epsilon": "0"}, "dp.target_epsilon"),
+        ({"noise_multiplier": "1.0", "delta": "0.1"}, r"dp.delta.*1/clients.num_clients"),
+        ({"noise_multiplier": "1.0", "sampling": "shuffle"}, "dp.sampling"),
+    ],
+)
+def test_impossible_dp_settings_name_the_key(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(rc(**overrides))
+
+
+def test_target_epsilon_sets_the_noise_for_the_runs_rounds_and_sampling() -> None:
+    from fedvit.config import FedvitConfig
+
+    cfg = FedvitConfig()
+    cfg.clients.num_clients, cfg.server.num_rounds, cfg.server.fraction_train = 20, 30, 0.25
+    cfg.dp.enabled, cfg.dp.target_epsilon, cfg.dp.delta = True, 3.0, 1e-4
+    dp = SharedDP.from_config(cfg)
+    assert (dp.num_sampled, dp.sampling_rate) == (5, 0.25)
+    assert dp.noise_multiplier == pytest.approx(privacy.noise_for_epsilon(3.0, 30, 0.25, 1e-4))
+    assert dp.epsilon(30) <= 3.0 < dp.epsilon(31)
+    cfg.dp.sampling = "none"  # no amplification: more noise for the same budget
+    assert SharedDP.from_config(cfg).noise_multiplier > dp.noise_multiplier
