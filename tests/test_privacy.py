@@ -229,3 +229,137 @@ def test_target_epsilon_sets_the_noise_for_the_runs_rounds_and_sampling() -> Non
     assert dp.epsilon(30) <= 3.0 < dp.epsilon(31)
     cfg.dp.sampling = "none"  # no amplification: more noise for the same budget
     assert SharedDP.from_config(cfg).noise_multiplier > dp.noise_multiplier
+
+
+# --------------------------------------------------------------------------- secure aggregation
+# What docs/privacy.md states about Flower 1.41's SecAgg+, run in-process (no Ray): the protocol
+# works for the legacy Strategy API (FitIns / FitRes), not for the Message-API strategies and the
+# `@app.train()` replies fedvit uses. If Flower changes this, these tests fail: update the doc.
+
+SECAGG_CLIENTS = 4
+
+
+def secagg_grid(client_app):
+    """An in-process grid of 4 nodes for ``client_app``. Flower serializes every message; in process
+    a mod that pops a key from a ConfigRecord the server shares between messages (SecAgg+'s
+    ``stage``) would change the next node's message, so each node gets a copy."""
+    import copy
+    import types
+
+    from fedvit.inprocess import InProcessGrid
+
+    grid = InProcessGrid({}, SECAGG_CLIENTS, client_app=lambda m, c: client_app(copy.deepcopy(m), c))
+    grid.run = types.SimpleNamespace(run_id=1)  # the legacy client manager reads the run id
+    errors: list[str] = []
+    send = grid.send_and_receive
+
+    def send_and_receive(messages, timeout=None):
+        replies = list(send(messages, timeout=timeout))
+        errors.extend(r.error.reason for r in replies if r.has_error())
+        return replies
+
+    grid.send_and_receive = send_and_receive
+    return grid, errors
+
+
+def legacy_secagg_round(client_app) -> tuple[np.ndarray, list[str]]:
+    """One SecAgg+ round (DefaultWorkflow + SecAggPlusWorkflow, legacy FedAvg) from zeros: the new
+    global array and the nodes' errors. Node i sends the array [i+1, i+1, i+1]."""
+    import flwr
+    from flwr.app import Context, RecordDict
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    grid, errors = secagg_grid(client_app)
+    strategy = LegacyFedAvg(
+        initial_parameters=flwr.common.ndarrays_to_parameters([np.zeros(3, np.float32)]),
+        min_available_clients=SECAGG_CLIENTS,
+        fraction_evaluate=0.0,
+    )
+    context = LegacyContext(
+        context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        config=ServerConfig(num_rounds=1),
+        strategy=strategy,
+    )
+    workflow = SecAggPlusWorkflow(num_shares=3, reconstruction_threshold=2, timeout=30)
+    DefaultWorkflow(fit_workflow=workflow)(grid, context)
+    (result,) = context.state.array_records["parameters"].to_numpy_ndarrays()
+    return result, errors
+
+
+def node_value(context) -> float:
+    return float(context.node_config["partition-id"] + 1)
+
+
+def test_secaggplus_sums_legacy_numpyclient_updates_in_process() -> None:
+    """The documented combination works: client_fn + NumPyClient behind secaggplus_mod, a legacy
+    strategy in SecAggPlusWorkflow. The server gets the mean (2.5) up to SecAgg+'s quantization."""
+    from flwr.client import NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.clientapp import ClientApp
+
+    class Client(NumPyClient):
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def fit(self, parameters, config):
+            return [np.full(3, self.value, np.float32)], 1, {}
+
+    app = ClientApp(client_fn=lambda ctx: Client(node_value(ctx)).to_client(), mods=[secaggplus_mod])
+    result, errors = legacy_secagg_round(app)
+    assert errors == []
+    np.testing.assert_allclose(result, 2.5, atol=0.01)
+
+
+def test_secaggplus_does_not_take_message_api_train_replies() -> None:
+    """A Message-API ``@app.train()`` reply ('arrays' + 'metrics' records, as fedvit's ClientApp sends)
+    behind secaggplus_mod: the mod converts the reply with ``recorddict_to_fitres`` and fails on
+    every node; the workflow halts and the round leaves the parameters as they were."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.client.mod import secaggplus_mod
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp(mods=[secaggplus_mod])
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord([np.full(3, node_value(context), np.float32)]),
+                "metrics": MetricRecord({"num-examples": 1}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    result, errors = legacy_secagg_round(app)
+    assert len(errors) == SECAGG_CLIENTS
+    assert all("KeyError: 'fitres.parameters'" in e for e in errors)
+    np.testing.assert_array_equal(result, 0.0)
+
+
+def test_secaggplus_workflow_needs_a_legacy_context_and_strategy() -> None:
+    """The server side: SecAggPlusWorkflow takes a LegacyContext (not the Context a Message-API
+    ServerApp gets) and drives ``context.strategy.configure_fit`` / ``aggregate_fit``, which a
+    ``flwr.serverapp.strategy`` strategy (fedvit's base class) does not have."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+    from flwr.serverapp.strategy import FedAvg
+
+    grid, _ = secagg_grid(ClientApp())
+    workflow = SecAggPlusWorkflow(num_shares=3, reconstruction_threshold=2, timeout=30)
+
+    def server_context() -> Context:
+        return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+    with pytest.raises(TypeError, match="Expect a LegacyContext, but get Context"):
+        workflow(grid, server_context())
+    context = LegacyContext(context=server_context(), config=ServerConfig(num_rounds=1), strategy=FedAvg())
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([np.zeros(3, np.float32)])
+    with pytest.raises(AttributeError, match="'FedAvg' object has no attribute 'configure_fit'"):
+        workflow(grid, context)
