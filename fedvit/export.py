@@ -24,15 +24,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from fedvit.config import (
-    ConfigError,
-    FedvitConfig,
-    fingerprint,
-    load_config,
-    model_img_size,
-    to_dict,
-    validate,
-)
+from fedvit import io
+from fedvit.config import ConfigError, FedvitConfig, load_config, model_img_size, to_dict, validate
+from fedvit.state import PrivateStore, StateError, store_fingerprint
 
 #: Extra file inside the exported archive with everything a script needs besides the weights.
 META_FILE = "fedvit.json"
@@ -75,17 +69,6 @@ def check_exportable(cfg: FedvitConfig) -> None:
     get_strategy(cfg.method.strategy).check_export(cfg)
 
 
-def _private_dir(state_dir: Path, cfg: FedvitConfig) -> Path:
-    """The directory holding ``private.npz``: ``state_dir`` itself, or the per-(method, model,
-    dataset) directory a device's ``state-dir`` holds (see :mod:`fedvit.client_app`)."""
-    if (state_dir / "private.npz").is_file():
-        return state_dir
-    keep = state_dir / f"{cfg.method.name}-{cfg.model.name}-{cfg.data.name}"
-    if (keep / "private.npz").is_file():
-        return keep
-    raise ConfigError(f"no private.npz in {state_dir} or {keep}: is this the client's state directory?")
-
-
 def personalized_model(
     state_dir: str | Path,
     cfg: FedvitConfig,
@@ -106,29 +89,24 @@ def personalized_model(
     ckpt = Path(checkpoint).expanduser()
     if not (ckpt / "arrays.npz").is_file():
         raise ConfigError(f"no checkpoint in {ckpt} (missing arrays.npz); was the run checkpointed?")
-    private_dir = _private_dir(Path(state_dir).expanduser(), cfg)
     model = build_model(cfg)
     split = ParameterSplit.from_model(model, cfg.method.private)
     with np.load(ckpt / "arrays.npz", allow_pickle=False) as z:
         shared = {k: z[k] for k in z.files}
     check_arrays(shared, split.shapes(model, "shared"), who=f"checkpoint {ckpt}")
-    meta_path = private_dir / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    expected = fingerprint(
-        {"method": cfg.method.name, "model": to_dict(cfg)["model"], "private": split.shapes(model, "private")}
-    )
-    if meta.get("fingerprint") not in (None, expected):
-        raise ConfigError(f"{private_dir} holds private parameters of another model or method than the run's")
-    with np.load(private_dir / "private.npz", allow_pickle=False) as z:
-        private = {k: z[k] for k in z.files}
     stored = split.shapes(model, "private")
+    try:
+        store = PrivateStore.locate(state_dir, cfg, store_fingerprint(cfg, stored))
+        private = store.read()
+    except StateError as err:
+        raise ConfigError(str(err)) from err
     stored = {k: stored[k] for k in client.stored_private_keys(model, split)}
-    check_arrays(private, stored, who=f"state directory {private_dir}")
+    check_arrays(private, stored, who=f"state directory {store.state_dir}")
     set_arrays(model, {**shared, **private})
     cut = client.cut_for_export(model, cfg, exit, tier)
     state = ckpt / "state.json"
     rnd = json.loads(state.read_text()).get("round") if state.is_file() else None
-    return Personalized(cfg, model.eval(), client_id, rnd, private_dir, ckpt, cut)
+    return Personalized(cfg, model.eval(), client_id, rnd, store.state_dir, ckpt, cut)
 
 
 def reported_tier(run_dir: Path, client_id: int | None) -> int | None:
@@ -225,12 +203,10 @@ def export(
         "source": {"state_dir": str(p.state_dir.resolve()), "checkpoint": str(p.checkpoint.resolve())},
         "config": to_dict(cfg),
     }
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.export.save(program, str(tmp), extra_files={META_FILE: json.dumps(meta, indent=1)})
-    tmp.replace(out)
-    return out
+    extra_files = {META_FILE: json.dumps(meta, indent=1)}
+    return io.atomic_write(
+        Path(out).expanduser(), lambda f: torch.export.save(program, f, extra_files=extra_files)
+    )
 
 
 def load_export(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

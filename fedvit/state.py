@@ -1,28 +1,38 @@
-"""Persistent private state of a client.
+"""Persistent private state of a client; :class:`PrivateStore` alone knows the directory's layout.
 
 Private parameters never leave the client. They are always written to the client's state
-directory (atomically: a temporary file, then ``os.replace``), so a real device keeps its
-personal model across rounds, SuperNode restarts and runs. When they are small
-(``clients.context_state_max_mb``) they are also cached in Flower's ``context.state``,
-which Flower drops silently above ~100 MB and on SuperNode restarts.
+directory (atomically, :mod:`fedvit.io`), so a real device keeps its personal model across
+rounds, SuperNode restarts and runs. When they are small (``clients.context_state_max_mb``) they
+are also cached in Flower's ``context.state``, which Flower drops silently above ~100 MB and on
+SuperNode restarts.
 
 The directory holds ``private.npz`` (the arrays) and ``meta.json`` (their names and shapes,
-and the model/method fingerprint), so a state directory written by a different model or
-method is refused with a clear message instead of being half-loaded.
+and the model/method fingerprint, :func:`store_fingerprint`), so a state directory written by a
+different model or method is refused with a clear message instead of being half-loaded. A
+device's own ``state-dir`` keeps one such directory per (method, model, dataset)
+(:func:`store_subdir`); :meth:`PrivateStore.locate` finds a client's store from either.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
+
+from fedvit import io
+from fedvit.wire import to_numpy, to_record
+
+if TYPE_CHECKING:
+    from fedvit.config import FedvitConfig
 
 CONTEXT_KEY = "fedvit.private"
+ARRAYS_FILE, META_FILE = "private.npz", "meta.json"
+FILE_MODE = 0o600  # private parameters: readable by the owner alone
 
 
 class StateError(ValueError):
@@ -36,16 +46,17 @@ def default_state_dir(run_key: str, client_id: int) -> Path:
     return root / run_key / f"client-{client_id}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def store_subdir(cfg: FedvitConfig) -> str:
+    """The folder of a device's ``state-dir`` that holds its state for ``cfg``: a device keeps one
+    personal model per (method, model, dataset) across runs."""
+    return f"{cfg.method.name}-{cfg.model.name}-{cfg.data.name}"
+
+
+def store_fingerprint(cfg: FedvitConfig, private_shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """What a store's ``meta.json`` records of the model and method whose private arrays it holds."""
+    from fedvit.config import fingerprint, to_dict
+
+    return fingerprint({"method": cfg.method.name, "model": to_dict(cfg)["model"], "private": private_shapes})
 
 
 class PrivateStore:
@@ -63,13 +74,31 @@ class PrivateStore:
         self.context_state = context_state
         self.context_max_bytes = context_max_bytes
 
+    @classmethod
+    def locate(cls, state_dir: str | Path, cfg: FedvitConfig, fingerprint: str) -> PrivateStore:
+        """The store a client of ``cfg`` saved to under ``state_dir``: the directory itself, or its
+        :func:`store_subdir` (``state_dir`` is then a device's ``state-dir``). Disk only; raises
+        :class:`StateError` when neither holds saved arrays."""
+        state_dir = Path(state_dir).expanduser()
+        for candidate in (state_dir, state_dir / store_subdir(cfg)):
+            store = cls(candidate, fingerprint)
+            if store.saved():
+                return store
+        raise StateError(
+            f"no {ARRAYS_FILE} in {state_dir} or {candidate}: is this the client's state directory?"
+        )
+
     @property
     def arrays_path(self) -> Path:
-        return self.state_dir / "private.npz"
+        return self.state_dir / ARRAYS_FILE
 
     @property
     def meta_path(self) -> Path:
-        return self.state_dir / "meta.json"
+        return self.state_dir / META_FILE
+
+    def saved(self) -> bool:
+        """Whether private arrays were saved to this directory."""
+        return self.arrays_path.is_file()
 
     def load(self, expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
         """The saved private arrays, or ``None`` when nothing was saved yet."""
@@ -78,23 +107,24 @@ class PrivateStore:
         cached = self._from_context()
         if cached is not None and self._fits(cached, expected):
             return cached
-        if not self.arrays_path.is_file():
+        if not self.saved():
             return None
-        meta = self._read_meta()
-        if meta.get("fingerprint") != self.fingerprint:
-            raise StateError(
-                f"state directory {self.state_dir} holds private parameters of another model or method "
-                f"(fingerprint {meta.get('fingerprint')} != {self.fingerprint}); "
-                "choose another state-dir or delete it"
-            )
-        try:
-            with np.load(self.arrays_path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except Exception as err:
-            raise StateError(f"cannot read {self.arrays_path}: {err}; delete it to start fresh") from err
+        self._check_fingerprint(self._read_meta().get("fingerprint"))
+        arrays = self._read_arrays()
         if not self._fits(arrays, expected):
             raise StateError(f"{self.arrays_path} does not match this model's private parameters")
         return arrays
+
+    def read(self) -> dict[str, np.ndarray]:
+        """Every array saved on disk, whatever its shapes (the caller checks them: ``fedvit export``).
+
+        A ``meta.json`` of another model or method raises :class:`StateError`; a missing one (a
+        save interrupted between its two files) is accepted."""
+        if not self.saved():
+            raise StateError(f"no {ARRAYS_FILE} in {self.state_dir}")
+        if self.meta_path.is_file():
+            self._check_fingerprint(self._read_meta().get("fingerprint"))
+        return self._read_arrays()
 
     def save(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Write ``arrays`` to disk (always) and to ``context.state`` (when small)."""
@@ -106,13 +136,13 @@ class PrivateStore:
                 raise StateError(
                     f"private parameter '{k}' has dtype {v.dtype}; only numeric arrays are stored"
                 )
-        _atomic_write(self.arrays_path, lambda f: np.savez(f, **arrays))
+        io.write_npz(self.arrays_path, arrays, mode=FILE_MODE)
         meta = {"fingerprint": self.fingerprint, "shapes": {k: list(v.shape) for k, v in arrays.items()}}
-        _atomic_write(self.meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        io.write_json(self.meta_path, meta, indent=1, mode=FILE_MODE)
         if self.context_state is not None:
             size = sum(v.nbytes for v in arrays.values())
             if size <= self.context_max_bytes:
-                self.context_state[CONTEXT_KEY] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+                self.context_state[CONTEXT_KEY] = to_record(arrays)
             elif CONTEXT_KEY in self.context_state:
                 del self.context_state[CONTEXT_KEY]
 
@@ -122,7 +152,21 @@ class PrivateStore:
         record = self.context_state[CONTEXT_KEY]
         if not isinstance(record, ArrayRecord):
             return None
-        return {k: v.numpy() for k, v in record.items()}
+        return to_numpy(record)
+
+    def _check_fingerprint(self, found: str | None) -> None:
+        if found != self.fingerprint:
+            raise StateError(
+                f"state directory {self.state_dir} holds private parameters of another model or method "
+                f"(fingerprint {found} != {self.fingerprint}); choose another state-dir or delete it"
+            )
+
+    def _read_arrays(self) -> dict[str, np.ndarray]:
+        try:
+            with np.load(self.arrays_path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception as err:
+            raise StateError(f"cannot read {self.arrays_path}: {err}; delete it to start fresh") from err
 
     def _read_meta(self) -> dict:
         try:
