@@ -23,9 +23,7 @@ accuracy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedvit import io
 from fedvit.config import ConfigError, FedvitConfig, to_dict
 
 AUGMENTS = ("auto", "none", "crop", "crop-flip", "flip")
@@ -134,13 +133,6 @@ def summary_path(out: Path) -> Path:
     return out.with_suffix(".json")
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never half-written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _settings(cfg: FedvitConfig, opts: PretrainOptions) -> dict[str, Any]:
     """What a resumed pretraining must share with the one that wrote the checkpoint."""
     d = to_dict(cfg)
@@ -174,15 +166,7 @@ def pretrain(
     """
     from fedvit.data import ImageDataset, make_transform, prepared_source
     from fedvit.models import build_model
-    from fedvit.training import (
-        Tally,
-        TrainingError,
-        _autocast,
-        evaluate,
-        make_loader,
-        make_optimizer,
-        resolve_device,
-    )
+    from fedvit.training import Stepper, Tally, evaluate, loss_forward, make_loader, resolve_device
 
     opts = options or PretrainOptions()
     if epochs is not None:
@@ -212,14 +196,19 @@ def pretrain(
     total = opts.epochs * per_epoch
     warmup = opts.warmup_steps if opts.warmup_steps is not None else round(opts.warmup_epochs * per_epoch)
     warmup = min(warmup, total)
-    optimizer = make_optimizer(model.parameters(), tc)
+    stepper = Stepper(
+        model,
+        model.parameters(),
+        tc,
+        device,
+        loss_forward(nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)),
+        nonfinite="pretrain: loss is {loss} at step {step}: lower train.lr",
+    )
+    optimizer, scaler = stepper.optimizer, stepper.scaler
     min_ratio = opts.min_lr / tc.lr if tc.lr > 0 else 0.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, warmup, opts.schedule, min_ratio)
     )
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
-    autocast, amp_dtype = _autocast(device, tc.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt_path = resume_path(out)
@@ -246,7 +235,8 @@ def pretrain(
         return seconds_before + time.time() - t0
 
     def checkpoint() -> None:
-        _atomic_save(
+        io.torch_save(
+            ckpt_path,
             {
                 "settings": settings,
                 "model": model.state_dict(),
@@ -258,7 +248,6 @@ def pretrain(
                 "history": history,
                 "tally": dataclasses.asdict(tally),
             },
-            ckpt_path,
         )
 
     say(
@@ -277,20 +266,9 @@ def pretrain(
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout / drop path
             x = augment_batch(x, padding, flip, gen).to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            if not math.isfinite(loss.item()):
-                raise TrainingError(f"pretrain: loss is {loss.item()} at step {step}: lower train.lr")
-            scaler.scale(loss).backward()
-            if tc.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logits = stepper.step(x, y, step)
             scheduler.step()
-            tally.add(loss.item(), logits.detach(), y)
+            tally.add(loss, logits.detach(), y)
             step += 1
             if step % per_epoch == 0:
                 r = tally.result(step)
@@ -318,7 +296,7 @@ def pretrain(
     ev = evaluate(model, test_loader, device)
     say(f"pretrain: test accuracy {ev.accuracy:.4f} on {ev.num_examples} test examples")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_save({"model": state}, out)
+    io.torch_save(out, {"model": state})
     last = history[-1] if history else {}
     summary = {
         "path": str(out),
@@ -340,9 +318,7 @@ def pretrain(
         "model": to_dict(cfg)["model"],
         "history": history,
     }
-    tmp = summary_path(out).with_name(f".{summary_path(out).name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, summary_path(out))
+    io.write_json(summary_path(out), summary, indent=2, end="\n")
     ckpt_path.unlink(missing_ok=True)
     return summary
 

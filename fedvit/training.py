@@ -127,6 +127,65 @@ def _autocast(device: torch.device, enabled: bool):
     return nullcontext(), None
 
 
+#: ``forward(model, x, y) -> (loss, logits)``: the loss of one batch to minimise and the logits its
+#: accuracy is counted on (default: ``model(x)`` and its cross-entropy). A model with several
+#: outputs (early exits) returns its own loss and the logits of the output that counts.
+Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def loss_forward(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Forward:
+    """The :data:`Forward` of a one-output model trained on ``loss_fn(model(x), y)``."""
+
+    def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return loss_fn(logits, y), logits
+
+    return forward
+
+
+class Stepper:
+    """Optimizer steps as every training loop here takes them: the forward pass under AMP on CUDA
+    (``tc.amp``; loss scaling for float16), a finite-loss check before the backward pass, gradient
+    clipping to ``tc.grad_clip``. ``optimizer`` and ``scaler`` are attributes (checkpoints save them).
+
+    ``nonfinite``: the error message of a NaN/Inf loss, with ``{loss}`` and ``{step}``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter],
+        tc: TrainConfig,
+        device: torch.device,
+        forward: Forward,
+        nonfinite: str = "loss is {loss} at local step {step}: lower train.lr or check the data",
+    ) -> None:
+        self.model = model
+        self.params = list(params)
+        self.optimizer = make_optimizer(self.params, tc)
+        self.autocast, amp_dtype = _autocast(device, tc.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        self.grad_clip = tc.grad_clip
+        self.forward = forward
+        self.nonfinite = nonfinite
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, index: int) -> tuple[float, torch.Tensor]:
+        """One optimizer step on the batch ``(x, y)`` (step number ``index``, for the error
+        message); its loss and the logits its accuracy is counted on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            loss, logits = self.forward(self.model, x, y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(self.nonfinite.format(loss=value, step=index))
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return value, logits
+
+
 def train_local(
     model: nn.Module,
     loader: DataLoader,
@@ -137,6 +196,7 @@ def train_local(
     epochs: int | None = None,
     steps: int | None = None,
     loss_fn: nn.Module | None = None,
+    forward: Forward | None = None,
     on_epoch: Callable[[int, TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train ``params`` (default: all trainable parameters of ``model``) on ``loader``.
@@ -145,38 +205,26 @@ def train_local(
     the running loss and accuracy since the start (progress of long runs, e.g. ``fedvit pretrain``).
 
     Runs ``steps`` optimizer steps if given (cycling the loader), else ``epochs`` epochs
-    (default: ``tc.local_steps`` or ``tc.local_epochs``). Uses AMP on CUDA when
-    ``tc.amp`` and clips the gradient norm to ``tc.grad_clip``.
+    (default: ``tc.local_steps`` or ``tc.local_epochs``). Each step is a :class:`Stepper`'s: AMP
+    on CUDA when ``tc.amp``, the gradient norm clipped to ``tc.grad_clip``. The loss is
+    ``loss_fn(model(x), y)`` (default: cross-entropy), or what ``forward(model, x, y)`` returns
+    with the logits the accuracy is counted on (:data:`Forward`; not both).
     """
+    if forward is not None and loss_fn is not None:
+        raise ValueError("train_local: give loss_fn or forward, not both")
     if steps is None and epochs is None:
         steps, epochs = tc.local_steps, tc.local_epochs
     if len(loader.dataset) == 0:  # type: ignore[arg-type]
         raise TrainingError("empty training set")
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, tc)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    autocast, amp_dtype = _autocast(device, tc.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    stepper = Stepper(model, params, tc, device, forward or loss_forward(loss_fn or nn.CrossEntropyLoss()))
     on_device(model, device).train()
     tally = Tally()
     max_steps = steps if steps is not None else epochs * len(loader)  # type: ignore[operator]
     for step, (x, y) in enumerate(itertools.islice(cycle(loader), max_steps)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        if not math.isfinite(loss.item()):
-            raise TrainingError(
-                f"loss is {loss.item()} at local step {step}: lower train.lr or check the data"
-            )
-        scaler.scale(loss).backward()
-        if tc.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        tally.add(loss.item(), logits, y)
+        loss, logits = stepper.step(x, y, step)
+        tally.add(loss, logits, y)
         if on_epoch is not None and (step + 1) % len(loader) == 0:
             on_epoch((step + 1) // len(loader), tally.result(step + 1))
     return tally.result(max_steps)
