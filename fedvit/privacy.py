@@ -37,13 +37,15 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from fedvit.errors import ConfigError
+
+U = TypeVar("U")  # a strategy's update record (strategies.base.ClientUpdate)
 
 SAMPLINGS = ("poisson", "none")
 ACCOUNTANT = "rdp"  # dp-accounting's RdpAccountant, add-or-remove-one neighbouring clients
@@ -318,6 +320,54 @@ class SharedDP:
             max_norm=max_norm,
         )
         return out, info
+
+
+# --------------------------------------------------------------------------- the strategy's calls
+
+
+def privatize(
+    dp: SharedDP | None,
+    server_round: int,
+    updates: list[U],
+    current: Mapping[str, np.ndarray] | None,
+    recorder: Any = None,
+) -> list[U]:
+    """What a strategy aggregates: ``updates`` as they are without DP; with DP one update that holds
+    the private release (:meth:`SharedDP.release` of the updates' ``arrays``; ``current``: the shared
+    arrays sent, or ``None`` when the replies are updates already) in place of all of them.
+
+    ``updates`` are the strategy's update records (dataclasses with ``arrays``, ``num_examples``,
+    ``client_id``, ``node_id``): the stand-in is the first one with the released arrays, one example
+    and no client, so any weighted mean of the list is the release itself, and the method's own
+    step (FedAvg's mean, the server optimizer, FFGG's x − γ·g) is applied to it. The round's
+    :class:`Release` goes to ``recorder`` (``results.json`` ``rounds[i].train.privacy``)."""
+    if dp is None:
+        return updates
+    arrays, info = dp.release(server_round, [u.arrays for u in updates], current)
+    if recorder is not None:
+        record(recorder, info)
+    return [replace(updates[0], client_id=-1, node_id=-1, arrays=arrays, num_examples=1)]  # type: ignore[type-var]
+
+
+def record(recorder: Any, info: Release) -> None:
+    """Put ``info`` in the results of its round (``rounds[i].train.privacy``)."""
+    for entry in reversed(recorder.data.get("rounds", [])):
+        if entry.get("round") == info.round:
+            entry.setdefault("train", {})["privacy"] = info.record()
+            return
+    recorder.data.setdefault("rounds", []).append({"round": info.round, "train": {"privacy": info.record()}})
+
+
+def train_metrics(dp: SharedDP | None, server_round: int) -> dict[str, float]:
+    """What a round's training metrics add: ``epsilon`` so far (nothing without DP)."""
+    return {} if dp is None else {"epsilon": dp.epsilon(server_round)}
+
+
+def progress(dp: SharedDP | None, metrics: Mapping[str, Any] | None) -> str | None:
+    """The progress line's privacy part, e.g. ``ε 3.44 (δ 1e-05)``; ``None`` without DP."""
+    if dp is None or metrics is None or "epsilon" not in metrics:
+        return None
+    return f"ε {float(metrics['epsilon']):.3g} (δ {dp.delta:g})"
 
 
 # --------------------------------------------------------------------------- configuration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -184,6 +185,58 @@ def test_noise_for_epsilon_is_the_smallest_noise_within_the_budget() -> None:
     z = privacy.noise_for_epsilon(3.0, 50, 0.25, 1e-5)
     assert privacy.epsilon(50, 0.25, z, 1e-5) <= 3.0
     assert privacy.epsilon(50, 0.25, 0.99 * z, 1e-5) > 3.0
+
+
+# --------------------------------------------------------------------------- the strategy's calls
+
+
+@dataclass
+class Update:
+    """The shape of a strategy's update record (strategies.base.ClientUpdate)."""
+
+    client_id: int
+    node_id: int
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict = field(default_factory=dict)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.data: dict = {"rounds": [{"round": 2, "train": {"clients": [0, 1]}}]}
+
+
+def test_privatize_hands_the_strategy_one_update_holding_the_release() -> None:
+    rng = np.random.default_rng(6)
+    current = {"w": np.zeros(4, np.float32)}
+    ups = [
+        Update(0, 11, {"w": np.full(4, 3.0, np.float32)}, 500, {"num-steps": 8}),
+        Update(1, 12, {"w": np.full(4, 0.1, np.float32)}, 20, {"num-steps": 1}),
+    ]
+    dp = SharedDP(clip_norm=1.0, noise_multiplier=1e-9, delta=1e-5, num_sampled=2, num_clients=4, rng=rng)
+    recorder = Recorder()
+    (one,) = privacy.privatize(dp, 2, ups, current, recorder)
+    # equal weights, each update clipped to norm 1 (the first one: 6 -> 1), fixed denominator 2
+    np.testing.assert_allclose(one.arrays["w"], (np.full(4, 0.5) + np.full(4, 0.1)) / 2, atol=1e-6)
+    assert (one.client_id, one.node_id, one.num_examples, one.metrics) == (-1, -1, 1, {"num-steps": 8})
+    entry = recorder.data["rounds"][0]["train"]
+    assert entry["clients"] == [0, 1]
+    assert entry["privacy"] == {
+        "epsilon": pytest.approx(privacy.epsilon(2, 0.5, 1e-9, 1e-5)),
+        "clients": 2,
+        "clipped": 1,
+        "noise_std": pytest.approx(1e-9 / 2),
+    }
+    assert privacy.privatize(None, 2, ups, current) is ups  # without DP: untouched
+
+
+def test_epsilon_in_the_round_metrics_and_the_progress_line() -> None:
+    dp = SharedDP(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, num_sampled=1, num_clients=10)
+    metrics = privacy.train_metrics(dp, 10)
+    assert metrics == {"epsilon": pytest.approx(privacy.epsilon(10, 0.1, 1.0, 1e-5))}
+    assert privacy.progress(dp, metrics) == f"ε {metrics['epsilon']:.3g} (δ 1e-05)"
+    assert privacy.train_metrics(None, 10) == {}
+    assert privacy.progress(None, metrics) is None
 
 
 # --------------------------------------------------------------------------- configuration
