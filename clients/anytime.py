@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -96,6 +96,16 @@ class AnytimeClient(PartialClient):
             private_groups=setup.split.private_groups,
         )
         super().__init__(replace(setup, split=split))
+
+    #: Beyond the base client's: the tier (identity and evaluation); per-exit accuracies below.
+    REPLY_METRICS: ClassVar = {"query": ("tier",), "evaluate": ("tier",)}
+
+    @classmethod
+    def reply_metrics(cls, setup: ClientSetup) -> dict[str, frozenset[str]]:
+        """Adds ``test-acc-exit<d>`` / ``val-acc-exit<d>`` for each of the model's exits."""
+        out = super().reply_metrics(setup)
+        exits = [f"{split}-acc-exit{d}" for d in setup.model.exit_depths for split in ("test", "val")]
+        return {**out, "evaluate": out["evaluate"] | frozenset(exits)}
 
     @staticmethod
     def describe(setup: ClientSetup) -> dict[str, Any]:

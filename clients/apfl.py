@@ -24,7 +24,9 @@ paper's Algorithm 1):
 
 Both models use ``train.optimizer`` / ``train.lr`` (one optimizer each) and ``train.grad_clip``
 (per model); training runs in float32 (no AMP). Evaluation predicts with the mix of the
-latest aggregated ``w`` and the client's ``v_i`` and ``α_i``. Only ``w`` is ever sent.
+latest aggregated ``w`` and the client's ``v_i`` and ``α_i``. Only ``w`` is ever sent, with
+the base client's training metrics (``REPLY_METRICS``): ``α_i`` is not one of them; it is read
+from the client's store (``apfl.alpha``).
 """
 
 from __future__ import annotations
@@ -193,10 +195,6 @@ class APFLClient(PartialClient):
             )  # fmt: skip
             tally.add(loss, logits, y)
         return tally.result(steps)
-
-    def fit(self, parameters, config):
-        params, num_examples, metrics = super().fit(parameters, config)
-        return params, num_examples, {**metrics, "apfl-alpha": self.alpha}
 
     def _eval(self, dataset) -> EvalResult:
         loader = make_loader(

@@ -17,9 +17,9 @@ alternating phases), :meth:`personalize_for_eval` (e.g. FedBABU's head fine-tuni
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.client import NumPyClient
@@ -85,11 +85,34 @@ class PartialClient(NumPyClient):
         """Load what :meth:`private_state` saved (in an earlier round or run)."""
         set_arrays(self.model, arrays)
 
+    # ------------------------------------------------------------------ what leaves the client
+
+    #: The named metrics this method's replies carry, per message type (``query``: what
+    #: :meth:`describe` adds; ``train``: what :meth:`fit` reports; ``evaluate``), beyond the keys
+    #: every reply carries (``num-examples``, ``client-id`` ...: :mod:`fedvit.boundary`). A subclass
+    #: declares only its additions (they are joined over the class hierarchy); the ClientApp
+    #: refuses a reply with a metric nobody declared.
+    REPLY_METRICS: ClassVar[Mapping[str, Iterable[str]]] = {
+        "train": ("train-loss", "train-acc", "num-steps"),
+        "evaluate": ("test-acc", "test-loss", "num-test", "val-acc", "val-loss", "num-val"),
+    }
+
+    @classmethod
+    def reply_metrics(cls, setup: ClientSetup) -> dict[str, frozenset[str]]:
+        """The allowlist's named metrics per message type: every ``REPLY_METRICS`` of the class
+        hierarchy joined. Methods whose metric names depend on the model (anytime's exits) extend it."""
+        out: dict[str, set[str]] = {}
+        for klass in reversed(cls.__mro__):
+            for kind, names in vars(klass).get("REPLY_METRICS", {}).items():
+                out.setdefault(kind, set()).update(names)
+        return {kind: frozenset(names) for kind, names in out.items()}
+
     @staticmethod
     def describe(setup: ClientSetup) -> dict[str, Any]:
         """What this client tells the server when it identifies itself (the query reply), beyond
         its id and data sizes; the server keeps it as ``client_info``. Methods whose clients
-        differ in capability (anytime's device tier) override it."""
+        differ in capability (anytime's device tier) override it, and declare its keys under
+        ``query`` in ``REPLY_METRICS``."""
         return {}
 
     # ------------------------------------------------------------------ export (fedvit.export)

@@ -3,11 +3,12 @@
 Messages (what crosses the wire):
 
 * ``query`` (once per node): a **device** (a node with a node config of its own) replies
-  ``metrics`` = {``client-id``, ``num-train``, ``num-val``, ``num-test``, ``train-hist``,
-  ``test-hist``, and what the method's client adds in ``describe``}; the server builds its
-  node -> client map from it. A **virtual worker** (a simulated node with only Flower's own node
-  config) replies {``virtual-worker``: 1}; asked again with ``describe-clients`` = [ids] it replies
-  the same facts for each listed client as lists (``clients``, ``num-train`` ...; histograms one
+  ``metrics`` = {``client-id``, ``num-train``, ``num-val``, ``num-test``, and what the method's
+  client adds in ``describe``; ``train-hist`` / ``test-hist`` only when the run asks for them and
+  the device agrees (:func:`fedvit.boundary.histograms_asked`)}; the server builds its node ->
+  client map from it. A **virtual worker** (a simulated node with only Flower's own node config)
+  replies {``virtual-worker``: 1}; asked again with ``describe-clients`` = [ids] it replies the
+  same facts for each listed client as lists (``clients``, ``num-train`` ...; histograms one
   after the other).
 * ``train``: content ``arrays`` (the shared parameters by state-dict name, possibly
   personalized by the server) and ``config`` (``server-round``, ``run-name``, ``run-key``,
@@ -15,6 +16,10 @@ Messages (what crosses the wire):
   ``arrays`` (shared parameters only) and ``metrics``
   (``num-examples``, ``client-id``, ``train-loss`` ...).
 * ``evaluate``: same content; reply ``metrics`` only (``test-acc``, ``val-acc`` ...).
+
+Every reply passes the allowlist of :mod:`fedvit.boundary` before it is sent: anything beyond the
+shared split, these keys and the method's declared metrics (its client's ``REPLY_METRICS``) is
+refused with an error naming the key and the method.
 
 A device is one client: ``client-id`` from ``--node-config`` (else Flower's ``partition-id``);
 ``data-path``, ``state-dir``, ``device`` and ``max-depth`` in the node config point it at its own
@@ -39,6 +44,16 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedvit import worker
+from fedvit.boundary import (
+    EVALUATE,
+    QUERY,
+    TRAIN,
+    Allowlist,
+    allowlist,
+    batch_allowlist,
+    check_reply,
+    histograms_asked,
+)
 from fedvit.clientsetup import ClientSetup
 from fedvit.config import FedvitConfig, fingerprint, load_config, to_dict
 from fedvit.params import ParameterSplit
@@ -251,16 +266,29 @@ def identify(message: Message, context: Context) -> Message:
         metrics: dict[str, Any] = {VIRTUAL_WORKER: 1}
         ids = [int(c) for c in config.get(DESCRIBE, [])]
         with _traced("describe" if ids else "query", config):
-            metrics.update(pack_client_info(ids, _describe_many(context, ids) if ids else []))
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+            rows, allowed = _describe_many(context, ids) if ids else ([], None)
+            metrics.update(pack_client_info(ids, rows))
+        content = RecordDict({"metrics": MetricRecord(metrics)})
+        check_reply(content, batch_allowlist(client_config(context).method.name, allowed, len(ids)))
+        return Message(content, reply_to=message)
     with client_setup(None, context) as setup:
-        reply = MetricRecord({"client-id": setup.client_id, **describe(setup)})
-    return Message(RecordDict({"metrics": reply}), reply_to=message)
+        histograms = histograms_asked(setup, virtual=False)
+        content = RecordDict(
+            {"metrics": MetricRecord({"client-id": setup.client_id, **describe(setup, histograms)})}
+        )
+        check_reply(content, _allowlist(QUERY, setup, histograms=histograms))
+    return Message(content, reply_to=message)
 
 
-def _describe_many(context: Context, ids: list[int]) -> list[dict[str, Any]]:
+def _allowlist(kind: str, setup: ClientSetup, **kwargs: Any) -> Allowlist:
+    """The allowlist (:mod:`fedvit.boundary`) of a ``kind`` reply of this client."""
+    return allowlist(kind, get_client(setup.cfg.method.client), setup, **kwargs)
+
+
+def _describe_many(context: Context, ids: list[int]):
     """:func:`describe` for each of ``ids`` (a virtual worker's batched query), with one pristine
-    model for all of them and no private store (nothing is trained or loaded)."""
+    model for all of them and no private store (nothing is trained or loaded); and the allowlist of
+    one client's description."""
     cfg = client_config(context)
     key = _config_key(context)
     bad = [c for c in ids if not 0 <= c < cfg.clients.num_clients]
@@ -270,26 +298,26 @@ def _describe_many(context: Context, ids: list[int]) -> list[dict[str, Any]]:
     model = pool.acquire()
     try:
         split, device, node = _split(cfg, key, model), _device(context, cfg), dict(context.node_config)
-        return [
-            describe(ClientSetup(cfg, c, model, split, _datasets(cfg, key, c, None), None, device, node))
-            for c in ids
+        setups = [
+            ClientSetup(cfg, c, model, split, _datasets(cfg, key, c, None), None, device, node) for c in ids
         ]
+        histograms = histograms_asked(setups[0], virtual=True)
+        allowed = _allowlist(QUERY, setups[0], histograms=histograms)
+        return [describe(s, histograms) for s in setups], allowed
     finally:
         pool.release(model)
 
 
-def describe(setup: ClientSetup) -> dict[str, Any]:
-    """What the server records about a client: its split sizes, label histograms, and what the
-    method's client says about itself (``PartialClient.describe``, e.g. anytime's tier)."""
+def describe(setup: ClientSetup, histograms: bool = False) -> dict[str, Any]:
+    """What the server records about a client: its split sizes, what the method's client says
+    about itself (``PartialClient.describe``, e.g. anytime's tier) and, with ``histograms`` (the
+    run asks for them: :func:`fedvit.boundary.histograms_asked`), its label histograms."""
     data = setup.data
-    return {
-        "num-train": len(data.train),
-        "num-val": len(data.val),
-        "num-test": len(data.test),
-        "train-hist": [int(v) for v in data.label_histograms["train"]],
-        "test-hist": [int(v) for v in data.label_histograms["test"]],
-        **get_client(setup.cfg.method.client).describe(setup),
-    }
+    out: dict[str, Any] = {"num-train": len(data.train), "num-val": len(data.val), "num-test": len(data.test)}
+    if histograms:
+        out["train-hist"] = [int(v) for v in data.label_histograms["train"]]
+        out["test-hist"] = [int(v) for v in data.label_histograms["test"]]
+    return {**out, **get_client(setup.cfg.method.client).describe(setup)}
 
 
 @app.train()
@@ -300,10 +328,13 @@ def train(message: Message, context: Context) -> Message:
     with _traced("train", config), make_client(message, context) as client:
         params, num_examples, metrics = client.fit(_received(message, client), config)
         shared, client_id = client.split.shared, client.client_id
+        allowed = _allowlist(TRAIN, client.setup, shared=list(shared))
     simulate_slowdown(float(config.get("slowdown", 1.0)), time.perf_counter() - started, context)
     arrays = to_record(dict(zip(shared, params, strict=True)))
     reply = MetricRecord({**metrics, "num-examples": num_examples, "client-id": client_id})
-    return Message(RecordDict({"arrays": arrays, "metrics": reply}), reply_to=message)
+    content = RecordDict({"arrays": arrays, "metrics": reply})
+    check_reply(content, allowed)
+    return Message(content, reply_to=message)
 
 
 @app.evaluate()
@@ -313,5 +344,8 @@ def evaluate(message: Message, context: Context) -> Message:
     with _traced("evaluate", config), make_client(message, context) as client:
         loss, num_examples, metrics = client.evaluate(_received(message, client), config)
         client_id = client.client_id
+        allowed = _allowlist(EVALUATE, client.setup)
     reply = MetricRecord({**metrics, "loss": loss, "num-examples": num_examples, "client-id": client_id})
-    return Message(RecordDict({"metrics": reply}), reply_to=message)
+    content = RecordDict({"metrics": reply})
+    check_reply(content, allowed)
+    return Message(content, reply_to=message)

@@ -208,6 +208,9 @@ class OutputConfig:
     run_name: str | None = None  # default: <method>-<dataset>-<timestamp>
     plots: bool = True
     tensorboard: bool = True  # TensorBoard event files in <run dir>/tb/ (fedvit.tensorboard)
+    # clients send train/test label histograms (results.json "clients"; a device also needs its
+    # node config label-histograms=true): simulation reporting, off by default (fedvit.boundary)
+    label_histograms: bool = False
 
 
 @dataclass

@@ -182,7 +182,7 @@ def test_apfl_keeps_v_and_alpha_in_its_store_across_rounds(tmp_path: Path) -> No
     stored = first.setup.store.load(first.private_state_shapes())
     assert set(stored) == {V_PREFIX + k for k in init} | {ALPHA_KEY}
     assert 0.0 <= stored[ALPHA_KEY][0] <= 1.0 and stored[ALPHA_KEY][0] != 0.25
-    assert metrics["apfl-alpha"] == pytest.approx(stored[ALPHA_KEY][0])
+    assert not any("alpha" in k for k in metrics)  # α_i stays home: only in the store
     changed = [k for k in init if not np.allclose(stored[V_PREFIX + k], init[k])]
     assert changed  # v_i trained
     sent_bytes = {a.tobytes() for a in sent}
