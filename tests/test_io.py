@@ -66,3 +66,18 @@ def test_mode_sets_the_permission_bits(tmp_path: Path) -> None:
         os.umask(umask)
     assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "public").stat().st_mode & 0o777 == 0o644
+
+
+def test_durable_writes_fsync_before_the_rename_and_others_do_not(tmp_path: Path, monkeypatch) -> None:
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((tmp_path / "f.txt").exists())  # the destination not yet replaced by this write
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    io.write_text(tmp_path / "f.txt", "a")
+    assert synced == [False]
+    io.write_text(tmp_path / "f.txt", "b", durable=False)
+    assert synced == [False] and (tmp_path / "f.txt").read_text() == "b"
