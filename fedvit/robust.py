@@ -38,6 +38,15 @@ AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 ATTACKS = ("none", "sign-flip", "gaussian", "label-flip")
 
 
+def attack_seed(seed: int, client_id: int, server_round: int) -> np.random.SeedSequence:
+    """The seed of a simulated attacker's random draws in one round (the ``gaussian`` attack's
+    noise): one stream per (run seed, client, round), so an attacker sends fresh noise every round
+    and two attackers never send the same noise. ``np.random.default_rng`` takes it as is."""
+    if min(seed, client_id, server_round) < 0:
+        raise ValueError(f"attack seed parts must be >= 0, got {(seed, client_id, server_round)}")
+    return np.random.SeedSequence([seed, client_id, server_round])
+
+
 def robust_aggregate(
     name: str,
     updates: Sequence[Mapping[str, np.ndarray]],
