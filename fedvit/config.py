@@ -65,6 +65,31 @@ class PartitionConfig:
     pool: bool = False
     test_fraction: float = 0.25  # pool: share of each client's examples that is its test set
 
+    def validate(self, data: DataConfig) -> None:
+        """``data.partition``: a known kind, feasible for ``data``."""
+        _check(
+            self.kind in PARTITION_KINDS,
+            "data.partition.kind",
+            f"must be one of {PARTITION_KINDS}, got '{self.kind}'",
+        )
+        _check(self.alpha > 0, "data.partition.alpha", f"must be > 0, got {self.alpha}")
+        _check(self.min_size >= 0, "data.partition.min_size", "must be >= 0")
+        _check(
+            0 < self.test_fraction < 1,
+            "data.partition.test_fraction",
+            f"must be in (0, 1), got {self.test_fraction}",
+        )
+        _check(
+            1 <= self.classes_per_client <= data.num_classes,
+            "data.partition.classes_per_client",
+            f"must be in [1, data.num_classes={data.num_classes}], got {self.classes_per_client}",
+        )
+        _check(
+            self.kind != "natural" or data.source in ("femnist-npz", "hub", *TEXT_SOURCES),
+            "data.partition.kind",
+            f"'natural' needs a dataset with a natural client id (femnist, shakespeare), not '{data.name}'",
+        )
+
 
 @dataclass
 class DataConfig:
@@ -94,6 +119,53 @@ class DataConfig:
     cache_dir: str | None = None  # partition cache; default ~/.cache/fedvit/partitions
     num_workers: int = 0
 
+    def validate(self) -> None:
+        """``data``: a known source of the right modality, consistent image settings, its partition."""
+        _check(
+            self.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got '{self.source}'"
+        )
+        _check(
+            self.modality in MODALITIES,
+            "data.modality",
+            f"must be one of {MODALITIES}, got '{self.modality}'",
+        )
+        want = "text" if self.source in TEXT_SOURCES else "image"
+        _check(
+            self.modality == want,
+            "data.modality",
+            f"data.source '{self.source}' gives {want} data, but data.modality is '{self.modality}'",
+        )
+        _check(self.seq_len >= 1, "data.seq_len", f"must be >= 1, got {self.seq_len}")
+        if self.source in TEXT_SOURCES:
+            from fedvit.data.text import VOCAB_SIZE  # numpy only: fedvit.data imports lazily
+
+            _check(
+                self.num_classes == VOCAB_SIZE,
+                "data.num_classes",
+                f"'{self.source}' uses LEAF's {VOCAB_SIZE}-character vocabulary, got {self.num_classes}",
+            )
+        if self.source == "hub":
+            _check(bool(self.hub_id), "data.hub_id", "required when data.source is 'hub'")
+        elif self.source != "sklearn-digits":
+            _check(bool(self.path), "data.path", f"required when data.source is '{self.source}'")
+        _check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
+        _check(self.in_chans in (1, 3), "data.in_chans", f"must be 1 or 3, got {self.in_chans}")
+        _check(self.image_size >= 1, "data.image_size", "must be >= 1")
+        _check(
+            len(self.mean) == self.in_chans,
+            "data.mean",
+            f"needs {self.in_chans} values, got {len(self.mean)}",
+        )
+        _check(
+            len(self.std) == self.in_chans, "data.std", f"needs {self.in_chans} values, got {len(self.std)}"
+        )
+        _check(all(v > 0 for v in self.std), "data.std", "must be > 0")
+        _check(0 <= self.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+        if self.max_train_per_client is not None:
+            _check(self.max_train_per_client >= 1, "data.max_train_per_client", "must be >= 1")
+        self.partition.validate(self)
+
 
 @dataclass
 class PrefixConfig:
@@ -104,6 +176,19 @@ class PrefixConfig:
     mid: int | None = None  # fedperfix adapter width; None: 2/3 of embed_dim (256 for ViT-S)
     scale: float = 1.5  # fedperfix: the adapter output is multiplied by this
     length: int = 8  # vanilla: prefix tokens per block (for K and for V)
+
+    def validate(self, depth: int) -> None:
+        """``model.prefix`` of a model with ``depth`` blocks."""
+        _check(
+            self.kind in PREFIX_KINDS,
+            "model.prefix.kind",
+            f"must be one of {PREFIX_KINDS}, got '{self.kind}'",
+        )
+        if self.depth is not None:
+            _check(1 <= self.depth <= depth, "model.prefix.depth", f"must be in [1, model.depth={depth}]")
+        if self.mid is not None:
+            _check(self.mid >= 1, "model.prefix.mid", f"must be >= 1, got {self.mid}")
+        _check(self.length >= 1, "model.prefix.length", f"must be >= 1, got {self.length}")
 
 
 @dataclass
@@ -116,6 +201,33 @@ class AnytimeConfig:
     heads: int = 2  # the adapters' attention heads
     mlp_ratio: float = 2.0
     tiers: list[int] = field(default_factory=list)  # client i's max depth: tiers[i % len]; []: full depth
+
+    def validate(self, model: ModelConfig) -> None:
+        """``model.anytime``: exits within the depth, tiers at exits, no other plugin."""
+        if not self.enabled:
+            return
+        _check(model.arch == "vit", "model.anytime.enabled", f"needs model.arch 'vit', got '{model.arch}'")
+        _check(model.prefix.kind == "none", "model.anytime.enabled", "cannot be combined with model.prefix")
+        exits = self.exits if self.exits is not None else list(range(1, model.depth + 1))
+        _check(len(exits) >= 1, "model.anytime.exits", "needs at least one exit (or null: every block)")
+        _check(
+            all(1 <= e <= model.depth for e in exits) and len(set(exits)) == len(exits),
+            "model.anytime.exits",
+            f"must be distinct depths in [1, model.depth={model.depth}], got {list(exits)}",
+        )
+        _check(self.width >= 1 and self.heads >= 1, "model.anytime.width", "width and heads must be >= 1")
+        _check(
+            self.width % self.heads == 0,
+            "model.anytime.heads",
+            f"{self.heads} does not divide width {self.width}",
+        )
+        _check(self.mlp_ratio > 0, "model.anytime.mlp_ratio", "must be > 0")
+        _check(
+            all(t in exits for t in self.tiers),
+            "model.anytime.tiers",
+            f"every tier (a client's max depth) must be an exit depth {sorted(exits)}, "
+            f"got {list(self.tiers)}",
+        )
 
 
 @dataclass
@@ -137,6 +249,62 @@ class ModelConfig:
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     anytime: AnytimeConfig = field(default_factory=AnytimeConfig)
 
+    def validate(self, data: DataConfig) -> None:
+        """``model``: an architecture that reads ``data``, consistent shapes, its plugins."""
+        _check(
+            self.arch in ARCH_MODALITY,
+            "model.arch",
+            f"must be one of {tuple(ARCH_MODALITY)}, got '{self.arch}'",
+        )
+        _check(
+            ARCH_MODALITY[self.arch] == data.modality,
+            "model.arch",
+            f"'{self.arch}' reads {ARCH_MODALITY[self.arch]} data, but data.modality is '{data.modality}' "
+            f"(dataset '{data.name}'); use model.arch "
+            f"{next(a for a, mod in ARCH_MODALITY.items() if mod == data.modality)!r}",
+        )
+        if self.arch == "vit":
+            img = self.img_size if self.img_size is not None else data.image_size
+            _check(
+                img >= self.patch_size,
+                "model.img_size",
+                f"{img} is smaller than model.patch_size {self.patch_size}",
+            )
+            _check(
+                img % self.patch_size == 0,
+                "model.patch_size",
+                f"{self.patch_size} does not divide the image size {img}",
+            )
+        _check(self.depth >= 1, "model.depth", "must be >= 1")
+        _check(
+            self.embed_dim % self.num_heads == 0,
+            "model.num_heads",
+            f"{self.num_heads} does not divide model.embed_dim {self.embed_dim}",
+        )
+        _check(self.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+        _check(
+            0 <= self.drop_rate < 1 and 0 <= self.drop_path_rate < 1, "model.drop_rate", "must be in [0, 1)"
+        )
+        if self.pretrained and self.pretrained.startswith("timm:"):
+            _check(
+                self.arch == "vit",
+                "model.pretrained",
+                f"timm weights need model.arch 'vit', got '{self.arch}'",
+            )
+            _check_timm_name(self.pretrained[len("timm:") :])  # the one check that imports timm
+        elif self.pretrained:
+            _check(
+                Path(self.pretrained).expanduser().is_file(),
+                "model.pretrained",
+                f"no such file: {self.pretrained}",
+            )
+        self.prefix.validate(self.depth)
+        self.anytime.validate(self)
+
+    def plugins(self) -> set[str]:
+        """The model plugins this config turns on (keys of :data:`PLUGIN_SETTING`, or ``none``)."""
+        return {self.prefix.kind} | ({"anytime"} if self.anytime.enabled else set())
+
 
 @dataclass
 class MethodConfig:
@@ -144,10 +312,37 @@ class MethodConfig:
 
     name: str = "fedper"
     private: list[str] = field(default_factory=lambda: ["head"])
-    strategy: str = "personalized"  # key in fedvit.registry.STRATEGIES
-    client: str = "partial"  # key in fedvit.registry.CLIENTS
+    strategy: str = "personalized"  # a @register_strategy name (fedvit.registry)
+    client: str = "partial"  # a @register_client name (fedvit.registry)
     # Method-specific knobs, typed by the client's / strategy's ``Options`` (fedvit.registry).
     options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, model: ModelConfig) -> None:
+        """``method``: private groups the model has, a strategy and a client that exist, typed options.
+
+        Nothing of the method is imported: names and ``Options`` classes are read from source
+        (:mod:`fedvit.registry`)."""
+        from fedvit.groups import KNOWN_GROUP_PATTERNS, is_known_group
+        from fedvit.registry import check_method_options, names
+
+        plugins = model.plugins()
+        for group in self.private:
+            _check(
+                is_known_group(group, model.depth),
+                "method.private",
+                f"unknown parameter group '{group}'; known: {KNOWN_GROUP_PATTERNS}",
+            )
+            needs = PLUGIN_OF_GROUP.get(group)
+            _check(
+                needs is None or bool(plugins & set(needs)),
+                "method.private",
+                f"group '{group}' needs {' or '.join(PLUGIN_SETTING[k] for k in needs or ())}, "
+                f"got model.prefix.kind='{model.prefix.kind}', model.anytime.enabled={model.anytime.enabled}",
+            )
+        strategies, clients = names("strategy"), names("client")
+        _check(self.strategy in strategies, "method.strategy", f"must be one of {strategies}")
+        _check(self.client in clients, "method.client", f"must be one of {clients}")
+        check_method_options(self)  # typed method.options: unknown keys, wrong types, bad values
 
 
 @dataclass
@@ -164,6 +359,24 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     amp: bool = True  # only on CUDA
+
+    def validate(self) -> None:
+        """``train``: positive lengths and sizes, a known optimizer with sane hyperparameters."""
+        _check(self.local_epochs >= 1, "train.local_epochs", f"must be >= 1, got {self.local_epochs}")
+        if self.local_steps is not None:
+            _check(self.local_steps >= 1, "train.local_steps", f"must be >= 1, got {self.local_steps}")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+        _check(
+            self.optimizer in OPTIMIZERS,
+            "train.optimizer",
+            f"must be one of {OPTIMIZERS}, got '{self.optimizer}'",
+        )
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        if self.grad_clip is not None:
+            _check(self.grad_clip > 0, "train.grad_clip", "must be > 0 (or null to disable)")
 
 
 @dataclass
@@ -186,6 +399,44 @@ class ServerConfig:
     checkpoint: bool = True
     resume: str | None = None  # a run directory (outputs/<run>) to continue
 
+    def validate(self, num_clients: int) -> None:
+        """``server`` for a federation of ``num_clients`` clients."""
+        _check(self.num_rounds >= 1, "server.num_rounds", f"must be >= 1, got {self.num_rounds}")
+        _check(
+            0 < self.fraction_train <= 1,
+            "server.fraction_train",
+            f"must be in (0, 1], got {self.fraction_train}",
+        )
+        _check(self.min_train_clients >= 1, "server.min_train_clients", "must be >= 1")
+        _check(
+            self.min_train_clients <= num_clients,
+            "server.min_train_clients",
+            f"{self.min_train_clients} > clients.num_clients ({num_clients})",
+        )
+        if self.min_available_clients is not None:
+            _check(
+                1 <= self.min_available_clients <= num_clients,
+                "server.min_available_clients",
+                f"must be in [1, clients.num_clients={num_clients}], got {self.min_available_clients}",
+            )
+        _check(self.eval_every >= 1, "server.eval_every", f"must be >= 1, got {self.eval_every}")
+        _check(
+            0 < self.eval_fraction <= 1,
+            "server.eval_fraction",
+            f"must be in (0, 1], got {self.eval_fraction}",
+        )
+        _check(
+            1 <= self.eval_min_clients <= num_clients,
+            "server.eval_min_clients",
+            f"must be in [1, clients.num_clients={num_clients}], got {self.eval_min_clients}",
+        )
+        _check(
+            all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.eval_full_rounds),
+            "server.eval_full_rounds",
+            f"must be round numbers >= 1, got {list(self.eval_full_rounds)}",
+        )
+        _check(self.round_timeout > 0, "server.round_timeout", "must be > 0")
+
 
 @dataclass
 class ClientsConfig:
@@ -198,6 +449,16 @@ class ClientsConfig:
     # ~/.cache/fedvit/state/<run-key>/client-<id>
     state_dir: str | None = None
     context_state_max_mb: float = 32.0  # private state above this goes to disk only
+
+    def validate(self) -> None:
+        """``clients``: at least one, on a device torch can name."""
+        _check(self.num_clients >= 1, "clients.num_clients", f"must be >= 1, got {self.num_clients}")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "clients.device",
+            f"must be auto, cpu, cuda or cuda:N, got '{self.device}'",
+        )
+        _check(self.context_state_max_mb >= 0, "clients.context_state_max_mb", "must be >= 0")
 
 
 @dataclass
@@ -240,8 +501,26 @@ class FedvitConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     dp: PrivacyConfig = field(default_factory=PrivacyConfig)
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first impossible value, naming its key. Each section
+        checks itself, given the sections it depends on; imports neither torch nor flwr (unless
+        ``model.pretrained`` names timm weights, or ``dp`` asks the strategy whether it supports DP)."""
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        self.server.validate(self.clients.num_clients)
+        self.clients.validate()
+        self.train.validate()
+        self.data.validate()
+        self.model.validate(self.data)
+        self.method.validate(self.model)
+        if self.dp.enabled:
+            from fedvit.privacy import check as check_privacy
 
-# Flower run-config key -> dotted key in FedvitConfig.
+            check_privacy(self)  # dp: its values, and whether the method's strategy accepts it
+
+
+# Flower run-config key -> dotted key in FedvitConfig. The one list of these keys: pyproject.toml's
+# [tool.flwr.app.config] (which Flower reads) must be flwr_app_config_toml(), checked by
+# tests/test_config.py, which prints the section to paste when they differ.
 RUN_CONFIG_KEYS: dict[str, str] = {
     "method": "method.name",
     "dataset": "data.name",
@@ -261,6 +540,13 @@ RUN_CONFIG_KEYS: dict[str, str] = {
     "resume": "server.resume",
 }
 OVERRIDES_KEY = "overrides"
+
+
+def flwr_app_config_toml() -> str:
+    """pyproject.toml's ``[tool.flwr.app.config]``: every run-config key, ``""`` (= not set: the
+    YAML layers decide), in :data:`RUN_CONFIG_KEYS` order, then ``overrides``."""
+    lines = [f'{key} = ""' for key in (*RUN_CONFIG_KEYS, OVERRIDES_KEY)]
+    return "\n".join(["[tool.flwr.app.config]", *lines]) + "\n"
 
 PARTITION_KINDS = ("iid", "dirichlet", "pathological", "natural")
 DATA_SOURCES = ("sklearn-digits", "parquet", "medmnist-npz", "femnist-npz", "hub", "leaf-shakespeare")
@@ -422,195 +708,8 @@ def _check_timm_name(name: str) -> None:
 
 
 def validate(cfg: FedvitConfig) -> None:
-    """Raise :class:`ConfigError` on the first impossible value."""
-    from fedvit.params import KNOWN_GROUP_PATTERNS, is_known_group
-    from fedvit.registry import clients, method_options, strategies
-
-    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
-    s, c, t, d, m = cfg.server, cfg.clients, cfg.train, cfg.data, cfg.model
-    _check(s.num_rounds >= 1, "server.num_rounds", f"must be >= 1, got {s.num_rounds}")
-    _check(0 < s.fraction_train <= 1, "server.fraction_train", f"must be in (0, 1], got {s.fraction_train}")
-    _check(s.min_train_clients >= 1, "server.min_train_clients", "must be >= 1")
-    _check(
-        s.min_train_clients <= c.num_clients,
-        "server.min_train_clients",
-        f"{s.min_train_clients} > clients.num_clients ({c.num_clients})",
-    )
-    if s.min_available_clients is not None:
-        _check(
-            1 <= s.min_available_clients <= c.num_clients,
-            "server.min_available_clients",
-            f"must be in [1, clients.num_clients={c.num_clients}], got {s.min_available_clients}",
-        )
-    _check(s.eval_every >= 1, "server.eval_every", f"must be >= 1, got {s.eval_every}")
-    _check(0 < s.eval_fraction <= 1, "server.eval_fraction", f"must be in (0, 1], got {s.eval_fraction}")
-    _check(
-        1 <= s.eval_min_clients <= c.num_clients,
-        "server.eval_min_clients",
-        f"must be in [1, clients.num_clients={c.num_clients}], got {s.eval_min_clients}",
-    )
-    _check(
-        all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in s.eval_full_rounds),
-        "server.eval_full_rounds",
-        f"must be round numbers >= 1, got {list(s.eval_full_rounds)}",
-    )
-    _check(s.round_timeout > 0, "server.round_timeout", "must be > 0")
-    _check(c.num_clients >= 1, "clients.num_clients", f"must be >= 1, got {c.num_clients}")
-    _check(
-        c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
-        "clients.device",
-        f"must be auto, cpu, cuda or cuda:N, got '{c.device}'",
-    )
-    _check(c.context_state_max_mb >= 0, "clients.context_state_max_mb", "must be >= 0")
-    _check(t.local_epochs >= 1, "train.local_epochs", f"must be >= 1, got {t.local_epochs}")
-    if t.local_steps is not None:
-        _check(t.local_steps >= 1, "train.local_steps", f"must be >= 1, got {t.local_steps}")
-    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
-    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-    _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}, got '{t.optimizer}'")
-    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    _check(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
-    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    if t.grad_clip is not None:
-        _check(t.grad_clip > 0, "train.grad_clip", "must be > 0 (or null to disable)")
-    _check(d.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}, got '{d.source}'")
-    _check(d.modality in MODALITIES, "data.modality", f"must be one of {MODALITIES}, got '{d.modality}'")
-    want = "text" if d.source in TEXT_SOURCES else "image"
-    _check(
-        d.modality == want,
-        "data.modality",
-        f"data.source '{d.source}' gives {want} data, but data.modality is '{d.modality}'",
-    )
-    _check(d.seq_len >= 1, "data.seq_len", f"must be >= 1, got {d.seq_len}")
-    if d.source in TEXT_SOURCES:
-        from fedvit.data.text import VOCAB_SIZE
-
-        _check(
-            d.num_classes == VOCAB_SIZE,
-            "data.num_classes",
-            f"'{d.source}' uses LEAF's {VOCAB_SIZE}-character vocabulary, got {d.num_classes}",
-        )
-    if d.source == "hub":
-        _check(bool(d.hub_id), "data.hub_id", "required when data.source is 'hub'")
-    elif d.source != "sklearn-digits":
-        _check(bool(d.path), "data.path", f"required when data.source is '{d.source}'")
-    _check(d.num_classes >= 2, "data.num_classes", "must be >= 2")
-    _check(d.in_chans in (1, 3), "data.in_chans", f"must be 1 or 3, got {d.in_chans}")
-    _check(d.image_size >= 1, "data.image_size", "must be >= 1")
-    _check(len(d.mean) == d.in_chans, "data.mean", f"needs {d.in_chans} values, got {len(d.mean)}")
-    _check(len(d.std) == d.in_chans, "data.std", f"needs {d.in_chans} values, got {len(d.std)}")
-    _check(all(v > 0 for v in d.std), "data.std", "must be > 0")
-    _check(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
-    _check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
-    if d.max_train_per_client is not None:
-        _check(d.max_train_per_client >= 1, "data.max_train_per_client", "must be >= 1")
-    p = d.partition
-    _check(
-        p.kind in PARTITION_KINDS, "data.partition.kind", f"must be one of {PARTITION_KINDS}, got '{p.kind}'"
-    )
-    _check(p.alpha > 0, "data.partition.alpha", f"must be > 0, got {p.alpha}")
-    _check(p.min_size >= 0, "data.partition.min_size", "must be >= 0")
-    _check(
-        0 < p.test_fraction < 1, "data.partition.test_fraction", f"must be in (0, 1), got {p.test_fraction}"
-    )
-    _check(
-        1 <= p.classes_per_client <= d.num_classes,
-        "data.partition.classes_per_client",
-        f"must be in [1, data.num_classes={d.num_classes}], got {p.classes_per_client}",
-    )
-    _check(
-        p.kind != "natural" or d.source in ("femnist-npz", "hub", *TEXT_SOURCES),
-        "data.partition.kind",
-        f"'natural' needs a dataset with a natural client id (femnist, shakespeare), not '{d.name}'",
-    )
-    _check(m.arch in ARCH_MODALITY, "model.arch", f"must be one of {tuple(ARCH_MODALITY)}, got '{m.arch}'")
-    _check(
-        ARCH_MODALITY[m.arch] == d.modality,
-        "model.arch",
-        f"'{m.arch}' reads {ARCH_MODALITY[m.arch]} data, but data.modality is '{d.modality}' "
-        f"(dataset '{d.name}'); use model.arch "
-        f"{next(a for a, mod in ARCH_MODALITY.items() if mod == d.modality)!r}",
-    )
-    if m.arch == "vit":
-        img = m.img_size if m.img_size is not None else d.image_size
-        _check(
-            img >= m.patch_size, "model.img_size", f"{img} is smaller than model.patch_size {m.patch_size}"
-        )
-        _check(
-            img % m.patch_size == 0,
-            "model.patch_size",
-            f"{m.patch_size} does not divide the image size {img}",
-        )
-    _check(m.depth >= 1, "model.depth", "must be >= 1")
-    _check(
-        m.embed_dim % m.num_heads == 0,
-        "model.num_heads",
-        f"{m.num_heads} does not divide model.embed_dim {m.embed_dim}",
-    )
-    _check(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
-    _check(0 <= m.drop_rate < 1 and 0 <= m.drop_path_rate < 1, "model.drop_rate", "must be in [0, 1)")
-    if m.pretrained and m.pretrained.startswith("timm:"):
-        _check(m.arch == "vit", "model.pretrained", f"timm weights need model.arch 'vit', got '{m.arch}'")
-        _check_timm_name(m.pretrained[len("timm:") :])
-    elif m.pretrained:
-        _check(Path(m.pretrained).expanduser().is_file(), "model.pretrained", f"no such file: {m.pretrained}")
-    pf = m.prefix
-    _check(pf.kind in PREFIX_KINDS, "model.prefix.kind", f"must be one of {PREFIX_KINDS}, got '{pf.kind}'")
-    if pf.depth is not None:
-        _check(1 <= pf.depth <= m.depth, "model.prefix.depth", f"must be in [1, model.depth={m.depth}]")
-    if pf.mid is not None:
-        _check(pf.mid >= 1, "model.prefix.mid", f"must be >= 1, got {pf.mid}")
-    _check(pf.length >= 1, "model.prefix.length", f"must be >= 1, got {pf.length}")
-    _validate_anytime(cfg)
-    plugins = {pf.kind} | ({"anytime"} if m.anytime.enabled else set())
-    for group in cfg.method.private:
-        _check(
-            is_known_group(group, m.depth),
-            "method.private",
-            f"unknown parameter group '{group}'; known: {KNOWN_GROUP_PATTERNS}",
-        )
-        needs = PLUGIN_OF_GROUP.get(group)
-        _check(
-            needs is None or bool(plugins & set(needs)),
-            "method.private",
-            f"group '{group}' needs {' or '.join(PLUGIN_SETTING[k] for k in needs or ())}, "
-            f"got model.prefix.kind='{pf.kind}', model.anytime.enabled={m.anytime.enabled}",
-        )
-    known_strategies, known_clients = strategies(), clients()
-    _check(
-        cfg.method.strategy in known_strategies,
-        "method.strategy",
-        f"must be one of {sorted(known_strategies)}",
-    )
-    _check(cfg.method.client in known_clients, "method.client", f"must be one of {sorted(known_clients)}")
-    method_options(cfg)  # typed method.options: unknown keys and wrong types raise here
-    from fedvit.privacy import check as check_privacy
-
-    check_privacy(cfg)  # dp: its values, and whether the method's strategy accepts it
-
-
-def _validate_anytime(cfg: FedvitConfig) -> None:
-    """``model.anytime``: exits within the depth, tiers at exits, no other plugin."""
-    m, a = cfg.model, cfg.model.anytime
-    if not a.enabled:
-        return
-    _check(m.arch == "vit", "model.anytime.enabled", f"needs model.arch 'vit', got '{m.arch}'")
-    _check(m.prefix.kind == "none", "model.anytime.enabled", "cannot be combined with model.prefix")
-    exits = a.exits if a.exits is not None else list(range(1, m.depth + 1))
-    _check(len(exits) >= 1, "model.anytime.exits", "needs at least one exit (or null: every block)")
-    _check(
-        all(1 <= e <= m.depth for e in exits) and len(set(exits)) == len(exits),
-        "model.anytime.exits",
-        f"must be distinct depths in [1, model.depth={m.depth}], got {list(exits)}",
-    )
-    _check(a.width >= 1 and a.heads >= 1, "model.anytime.width", "width and heads must be >= 1")
-    _check(a.width % a.heads == 0, "model.anytime.heads", f"{a.heads} does not divide width {a.width}")
-    _check(a.mlp_ratio > 0, "model.anytime.mlp_ratio", "must be > 0")
-    _check(
-        all(t in exits for t in a.tiers),
-        "model.anytime.tiers",
-        f"every tier (a client's max depth) must be an exit depth {sorted(exits)}, got {list(a.tiers)}",
-    )
+    """Raise :class:`ConfigError` on the first impossible value (:meth:`FedvitConfig.validate`)."""
+    cfg.validate()
 
 
 # --------------------------------------------------------------------------- helpers

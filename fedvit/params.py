@@ -31,7 +31,6 @@ The :class:`ParameterSplit` is the one place that defines what leaves a client.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,30 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
-LAYER_TYPES = ("patch_embed", "pos_embed", "norm", "attn", "mlp", "head")
-PLUGIN_GROUPS = ("prefix", "adapter", "exit", "client_token", "backbone")
-KNOWN_GROUP_PATTERNS = (
-    *LAYER_TYPES,
-    "classifier",
-    "attn.qkv",
-    "attn.proj",
-    "block.<i>",
-    "all",
-    *PLUGIN_GROUPS,
-)
-_BLOCK_RE = re.compile(r"^block\.(-?\d+)$")
+from fedvit.groups import KNOWN_GROUP_PATTERNS, LAYER_TYPES, PLUGIN_GROUPS, is_known_group  # noqa: F401
 
 
 class UpdateError(ValueError):
     """Arrays that do not fit the expected split (names, shapes, dtype or values)."""
-
-
-def is_known_group(name: str, depth: int) -> bool:
-    """Whether ``name`` is a valid group for a model with ``depth`` blocks."""
-    if name in KNOWN_GROUP_PATTERNS:
-        return True
-    match = _BLOCK_RE.match(name)
-    return bool(match) and -depth <= int(match.group(1)) < depth
 
 
 def _vit_module_paths(depth: int) -> dict[str, list[str]]:

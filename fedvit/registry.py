@@ -1,33 +1,57 @@
-"""Name -> class registry for strategies (server side) and clients (client side).
+"""Name -> class registry for strategies (server side) and clients (client side), loaded lazily.
 
 A method is one YAML in ``conf/method/`` naming its private groups, a strategy and a client.
-Strategy and client classes register themselves with :func:`register_strategy` /
-:func:`register_client`; every module of the ``strategies`` and ``clients`` packages is
-imported on first lookup, so a new method touches one strategy, one client and one YAML.
+Strategy and client classes declare themselves with :func:`register_strategy` /
+:func:`register_client` in a module of the ``strategies`` / ``clients`` package, so a new method
+touches one strategy, one client and one YAML. Finding them imports nothing: :func:`declared`
+reads those decorators from the packages' source (name -> ``module:Class``), and
+:func:`get_strategy` / :func:`get_client` import the one module that declares the name. So a
+client worker imports only its method's client module and the ServerApp only its strategy
+module. A class registered by a module imported some other way (a test, a plugin elsewhere) is
+found too.
 
 Method-specific knobs live in ``method.options`` and are **typed**: a strategy or client class
-declares a dataclass ``Options`` (class attribute); :func:`method_options` splits
+declares a dataclass ``Options`` (class attribute). :func:`method_options` splits
 ``method.options`` between the two schemas, type-checks each part and refuses keys that
-neither knows, naming them (``method.options.<key>``).
+neither knows, naming them (``method.options.<key>``); it returns instances of the real
+classes. :func:`check_method_options` (what :func:`fedvit.config.load_config` calls) does the
+same checks against the ``Options`` classes read from source by :mod:`fedvit.lightload`, so a
+configuration is checked without importing torch or flwr.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
-import pkgutil
+import importlib.util
+import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from functools import cache
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 from fedvit.errors import ConfigError
 
 T = TypeVar("T")
-_STRATEGIES: dict[str, type] = {}
-_CLIENTS: dict[str, type] = {}
-_discovered = False
+PACKAGES = {"strategy": "strategies", "client": "clients"}
+_DECORATORS = {"register_strategy": "strategy", "register_client": "client"}
+_REGISTERED: dict[str, dict[str, type]] = {"strategy": {}, "client": {}}
 
 
-def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type[T]], type[T]]:
+class Declaration(NamedTuple):
+    """Where a strategy or client class is declared: ``module:qualname``."""
+
+    module: str
+    qualname: str
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.qualname}"
+
+
+def _register(kind: str, name: str) -> Callable[[type[T]], type[T]]:
+    table = _REGISTERED[kind]
+
     def deco(cls: type[T]) -> type[T]:
         if name in table and table[name] is not cls:
             raise ValueError(f"{kind} '{name}' is registered twice ({table[name]} and {cls})")
@@ -39,49 +63,109 @@ def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type[T]
 
 def register_strategy(name: str) -> Callable[[type[T]], type[T]]:
     """Class decorator: make a strategy available as ``method.strategy: <name>``."""
-    return _register(_STRATEGIES, "strategy", name)
+    return _register("strategy", name)
 
 
 def register_client(name: str) -> Callable[[type[T]], type[T]]:
     """Class decorator: make a client available as ``method.client: <name>``."""
-    return _register(_CLIENTS, "client", name)
+    return _register("client", name)
 
 
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    for package_name in ("strategies", "clients"):
-        package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package_name}.{info.name}")
-    _discovered = True
+def _package_files(package: str) -> list[Path]:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(p for d in spec.submodule_search_locations for p in Path(d).glob("*.py"))
+
+
+@cache
+def declared(kind: str) -> dict[str, Declaration]:
+    """Every ``@register_<kind>("name")`` of the ``strategies`` / ``clients`` package, read from
+    source (nothing is imported): name -> where the class is."""
+    found: dict[str, Declaration] = {}
+    package = PACKAGES[kind]
+    for path in _package_files(package):
+        text = path.read_text(encoding="utf-8")
+        if "register_" not in text:
+            continue
+        module = f"{package}.{path.stem}" if path.stem != "__init__" else package
+        for stmt in ast.parse(text, filename=str(path)).body:
+            if not isinstance(stmt, ast.ClassDef):
+                continue
+            for deco in stmt.decorator_list:
+                if (
+                    isinstance(deco, ast.Call)
+                    and isinstance(deco.func, ast.Name)
+                    and _DECORATORS.get(deco.func.id) == kind
+                    and deco.args
+                    and isinstance(deco.args[0], ast.Constant)
+                    and isinstance(deco.args[0].value, str)
+                ):
+                    name = deco.args[0].value
+                    if name in found:
+                        raise ValueError(f"{kind} '{name}' is declared twice ({found[name]} and {module})")
+                    found[name] = Declaration(module, stmt.name)
+    return found
+
+
+def names(kind: str) -> list[str]:
+    """Every strategy or client name: declared in the packages or registered otherwise."""
+    return sorted({*declared(kind), *_REGISTERED[kind]})
+
+
+def _lookup(kind: str, name: str) -> type:
+    table = _REGISTERED[kind]
+    if name not in table:
+        where = declared(kind).get(name)
+        if where is None:
+            raise KeyError(f"unknown {kind} '{name}'; registered: {names(kind)}")
+        importlib.import_module(where.module)
+        if name not in table:
+            raise RuntimeError(f"importing {where.module} did not register {kind} '{name}'")
+    return table[name]
+
+
+def _all(kind: str) -> dict[str, type]:
+    for name in declared(kind):
+        _lookup(kind, name)
+    return dict(_REGISTERED[kind])
 
 
 def strategies() -> dict[str, type]:
-    """Every registered strategy class by name."""
-    _discover()
-    return dict(_STRATEGIES)
+    """Every strategy class by name (imports every strategy module; :func:`names` does not)."""
+    return _all("strategy")
 
 
 def clients() -> dict[str, type]:
-    """Every registered client class by name."""
-    _discover()
-    return dict(_CLIENTS)
+    """Every client class by name (imports every client module; :func:`names` does not)."""
+    return _all("client")
 
 
 def get_strategy(name: str) -> Any:
-    table = strategies()
-    if name not in table:
-        raise KeyError(f"unknown strategy '{name}'; registered: {sorted(table)}")
-    return table[name]
+    """The strategy class registered as ``name``; imports only the module that declares it."""
+    return _lookup("strategy", name)
 
 
 def get_client(name: str) -> Any:
-    table = clients()
-    if name not in table:
-        raise KeyError(f"unknown client '{name}'; registered: {sorted(table)}")
-    return table[name]
+    """The client class registered as ``name``; imports only the module that declares it."""
+    return _lookup("client", name)
+
+
+def option_schema(kind: str, name: str) -> type | None:
+    """The ``Options`` dataclass of strategy or client ``name`` (``None`` if it has none), read from
+    source when its module is not imported (:mod:`fedvit.lightload`; a copy of the real class)."""
+    from fedvit.lightload import LightLoadError, load_class
+
+    if name in _REGISTERED[kind]:
+        return getattr(_REGISTERED[kind][name], "Options", None)
+    where = declared(kind).get(name)
+    if where is None:
+        raise KeyError(f"unknown {kind} '{name}'; registered: {names(kind)}")
+    try:
+        return load_class(where.module, f"{where.qualname}.Options")
+    except LightLoadError as err:  # same answer, by importing the module
+        logging.getLogger("fedvit").debug("options of %s '%s' read by import: %s", kind, name, err)
+        return getattr(_lookup(kind, name), "Options", None)
 
 
 def option_error(key: str, message: str) -> Exception:
@@ -89,40 +173,49 @@ def option_error(key: str, message: str) -> Exception:
     return ConfigError(f"key 'method.options.{key}': {message}")
 
 
-def _schema_fields(cls: type) -> set[str]:
-    schema = getattr(cls, "Options", None)
+def _schema_fields(schema: type | None) -> set[str]:
     return {f.name for f in dataclasses.fields(schema)} if schema is not None else set()
 
 
-def _typed(cls: type, values: dict[str, Any], role: str) -> Any:
+def _typed(schema: type | None, values: dict[str, Any], role: str, owner: str) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    schema = getattr(cls, "Options", None)
     if schema is None:
         return None
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
     except OmegaConfBaseException as err:
         key = getattr(err, "key", None) or getattr(err, "full_key", "")
+        raise ConfigError(f"key 'method.options.{key}': {str(err).splitlines()[0]} ({role} {owner})") from err
+
+
+def _options(method: Any, client_schema: type | None, strategy_schema: type | None) -> tuple[Any, Any]:
+    options = dict(method.options)
+    client_keys, strategy_keys = _schema_fields(client_schema), _schema_fields(strategy_schema)
+    unknown = sorted(set(options) - client_keys - strategy_keys)
+    if unknown:
         raise ConfigError(
-            f"key 'method.options.{key}': {str(err).splitlines()[0]} ({role} {cls.__name__})"
-        ) from err
+            f"key 'method.options.{unknown[0]}': not an option of client '{method.client}' or strategy "
+            f"'{method.strategy}'; known: {sorted(client_keys | strategy_keys)}"
+        )
+    client = {k: v for k, v in options.items() if k in client_keys}
+    strategy = {k: v for k, v in options.items() if k in strategy_keys}
+    return (
+        _typed(client_schema, client, "client", f"'{method.client}'"),
+        _typed(strategy_schema, strategy, "strategy", f"'{method.strategy}'"),
+    )
 
 
 def method_options(cfg: Any) -> tuple[Any, Any]:
     """(client options, strategy options) of ``cfg.method``: typed instances of each class's
-    ``Options`` dataclass (``None`` for a class without options)."""
-    client_cls, strategy_cls = get_client(cfg.method.client), get_strategy(cfg.method.strategy)
-    options = dict(cfg.method.options)
-    client_keys, strategy_keys = _schema_fields(client_cls), _schema_fields(strategy_cls)
-    unknown = sorted(set(options) - client_keys - strategy_keys)
-    if unknown:
-        raise ConfigError(
-            f"key 'method.options.{unknown[0]}': not an option of client '{cfg.method.client}' or strategy "
-            f"'{cfg.method.strategy}'; known: {sorted(client_keys | strategy_keys)}"
-        )
-    return (
-        _typed(client_cls, {k: v for k, v in options.items() if k in client_keys}, "client"),
-        _typed(strategy_cls, {k: v for k, v in options.items() if k in strategy_keys}, "strategy"),
-    )
+    ``Options`` dataclass (``None`` for a class without options). Imports both classes' modules."""
+    method = cfg.method
+    client_cls, strategy_cls = get_client(method.client), get_strategy(method.strategy)
+    return _options(method, getattr(client_cls, "Options", None), getattr(strategy_cls, "Options", None))
+
+
+def check_method_options(method: Any) -> None:
+    """Raise :class:`ConfigError` where :func:`method_options` would for the ``method`` section
+    (``cfg.method``), importing neither class's module."""
+    _options(method, option_schema("client", method.client), option_schema("strategy", method.strategy))

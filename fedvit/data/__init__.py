@@ -9,34 +9,59 @@ load_client_datasets(cfg, cid)     -> ClientDatasets (torch datasets: images res
 summarize_partition(cfg)           -> list of per-client dicts; format_partition_table(...) -> rich Table
 """
 
-from fedvit.data.datasets import (
-    ClientDatasets,
-    ImageDataset,
-    ImageTransform,
-    TextDataset,
-    dataset_factory,
-    load_client_datasets,
-    make_transform,
-)
-from fedvit.data.partition import (
-    ClientIndices,
-    Partition,
-    build_partition,
-    cache_path,
-    clear_memory_cache,
-    client_source,
-    describe_protocol,
-    partition_fingerprint,
-    prepared_source,
-    with_test_split,
-)
-from fedvit.data.sources import clear_caches, load_source, resolve_path
-from fedvit.data.store import DataError, ImageStore, SampleStore, SourceData, Split, TokenStore
-from fedvit.data.summary import format_partition_table, summarize_partition
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> the submodule defining it. Imported on first use (PEP 562), so that importing one
+# light submodule (``fedvit.data.text``'s vocabulary, ``fedvit.data.store``) does not import torch.
+_EXPORTS = {
+    "datasets": (
+        "ClientDatasets",
+        "ImageDataset",
+        "ImageTransform",
+        "TextDataset",
+        "dataset_factory",
+        "load_client_datasets",
+        "make_transform",
+    ),
+    "partition": (
+        "ClientIndices",
+        "Partition",
+        "build_partition",
+        "cache_path",
+        "clear_memory_cache",
+        "client_source",
+        "describe_protocol",
+        "partition_fingerprint",
+        "prepared_source",
+        "with_test_split",
+    ),
+    "sources": ("clear_caches", "load_source", "resolve_path"),
+    "store": ("DataError", "ImageStore", "SampleStore", "SourceData", "Split", "TokenStore"),
+    "summary": ("format_partition_table", "summarize_partition"),
+}
+_WHERE = {name: module for module, exported in _EXPORTS.items() for name in exported}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'fedvit.data' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"fedvit.data.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
 
 
 def clear_all_caches() -> None:
     """Forget loaded sources and partitions of this process (the disk cache stays)."""
+    from fedvit.data.partition import clear_memory_cache
+    from fedvit.data.sources import clear_caches
+
     clear_caches()
     clear_memory_cache()
 
