@@ -340,11 +340,13 @@ def privatize(
     ``client_id``, ``node_id``): the stand-in is the first one with the released arrays, one example
     and no client, so any weighted mean of the list is the release itself, and the method's own
     step (FedAvg's mean, the server optimizer, FFGG's x − γ·g) is applied to it. The round's
-    :class:`Release` goes to ``recorder`` (``results.json`` ``rounds[i].train.privacy``)."""
+    :class:`Release` goes to ``recorder`` (``results.json`` ``rounds[i].train.privacy``; the
+    mechanism in ``privacy``)."""
     if dp is None:
         return updates
     arrays, info = dp.release(server_round, [u.arrays for u in updates], current)
     if recorder is not None:
+        recorder.data["privacy"] = dp.describe()
         record(recorder, info)
     return [replace(updates[0], client_id=-1, node_id=-1, arrays=arrays, num_examples=1)]  # type: ignore[type-var]
 

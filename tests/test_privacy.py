@@ -219,6 +219,8 @@ def test_privatize_hands_the_strategy_one_update_holding_the_release() -> None:
     # equal weights, each update clipped to norm 1 (the first one: 6 -> 1), fixed denominator 2
     np.testing.assert_allclose(one.arrays["w"], (np.full(4, 0.5) + np.full(4, 0.1)) / 2, atol=1e-6)
     assert (one.client_id, one.node_id, one.num_examples, one.metrics) == (-1, -1, 1, {"num-steps": 8})
+    assert recorder.data["privacy"] == dp.describe()
+    assert recorder.data["privacy"]["sampling_rate"] == 0.5
     entry = recorder.data["rounds"][0]["train"]
     assert entry["clients"] == [0, 1]
     assert entry["privacy"] == {
