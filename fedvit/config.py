@@ -246,6 +246,9 @@ class ModelConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     pretrained: str | None = None  # local checkpoint path (state dict), or 'timm:<name>' (timm/HF hub cache)
+    # Parameter groups (names as in method.private) that never train: e.g. ['patch_embed',
+    # 'pos_embed', 'block.0', ...] on a pretrained backbone leaves a linear probe of the head.
+    frozen: list[str] = field(default_factory=list)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     anytime: AnytimeConfig = field(default_factory=AnytimeConfig)
 
@@ -282,6 +285,14 @@ class ModelConfig:
             f"{self.num_heads} does not divide model.embed_dim {self.embed_dim}",
         )
         _check(self.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+        from fedvit.groups import KNOWN_GROUP_PATTERNS, is_known_group
+
+        for group in self.frozen:
+            _check(
+                is_known_group(group, self.depth),
+                "model.frozen",
+                f"unknown parameter group '{group}'; known: {KNOWN_GROUP_PATTERNS}",
+            )
         _check(
             0 <= self.drop_rate < 1 and 0 <= self.drop_path_rate < 1, "model.drop_rate", "must be in [0, 1)"
         )

@@ -15,6 +15,7 @@ from torch import nn
 from fedvit.config import ConfigError, FedvitConfig, model_img_size
 from fedvit.models.char import CharTransformer
 from fedvit.models.prefix import add_prefixes
+from fedvit.params import parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -215,4 +216,17 @@ def build_model(cfg: FedvitConfig) -> nn.Module:
             add_prefixes(model, pf.kind, pf.depth, prefix_mid(cfg), pf.scale, pf.length)
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained)
+    freeze(model, cfg.model.frozen)
     return model
+
+
+def freeze(model: nn.Module, groups: list[str]) -> None:
+    """``requires_grad=False`` for every parameter of the named groups (``model.frozen``); every
+    client's optimizer then leaves them as built (or as loaded from ``model.pretrained``)."""
+    if not groups:
+        return
+    named = parameter_groups(model)
+    keys = {k for g in groups for k in named[g]}
+    for name, p in model.named_parameters():
+        if name in keys:
+            p.requires_grad_(False)
