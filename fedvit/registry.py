@@ -119,9 +119,12 @@ def _lookup(kind: str, name: str) -> type:
         where = declared(kind).get(name)
         if where is None:
             raise KeyError(f"unknown {kind} '{name}'; registered: {names(kind)}")
-        importlib.import_module(where.module)
-        if name not in table:
-            raise RuntimeError(f"importing {where.module} did not register {kind} '{name}'")
+        module = importlib.import_module(where.module)
+        if name not in table:  # imported before this table existed (a reset registry)
+            cls = getattr(module, where.qualname, None)
+            if not isinstance(cls, type):
+                raise RuntimeError(f"importing {where.module} did not register {kind} '{name}'")
+            table[name] = cls
     return table[name]
 
 

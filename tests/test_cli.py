@@ -50,6 +50,22 @@ def test_config_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert cfg["clients"]["num_clients"] == 4
 
 
+def test_config_imports_no_torch_flwr_or_method_module() -> None:
+    """``fedvit config`` of a method with typed options stays light (what keeps it fast)."""
+    script = (
+        "import sys\n"
+        "from fedvit.cli import main\n"
+        "assert main(['config', '-c', 'method=fedtp', '--json']) == 0\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'flwr')\n"
+        "         or m.startswith(('strategies.', 'clients.'))]\n"
+        "print('HEAVY', sorted(heavy)[:5], file=sys.stderr)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["method"]["strategy"] == "fedtp"
+    assert "HEAVY []" in res.stderr, res.stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "needles"),
     [
