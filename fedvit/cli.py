@@ -51,7 +51,7 @@ def _add_run_config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
-    from fedvit.runner import load_kv_args
+    from fedvit.launch.runconfig import load_kv_args  # not fedvit.runner: its process machinery
 
     return load_kv_args(args.run_config, "run-config")
 
