@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.base import ClientSetup, PartialClient, trainable_only
+from clients.base import PartialClient, trainable_only
 from fedvit.params import get_arrays, set_arrays
 from fedvit.registry import option_error, register_client
 from fedvit.robust import ATTACKS
@@ -50,6 +50,36 @@ class FlippedLabels(nn.Module):
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits, self.num_classes - 1 - y)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """How this round's reply misbehaves (a simulated attacker), from the message config:
+    ``attack`` (one of :data:`fedvit.robust.ATTACKS`) and ``attack-scale``."""
+
+    name: str = "none"
+    scale: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Attack:
+        name = str(config.get("attack", "none"))
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack '{name}'; one of {ATTACKS}")
+        return cls(name, float(config.get("attack-scale", 1.0)))
+
+    def loss_fn(self, num_classes: int) -> nn.Module:
+        """The training objective: flipped labels for ``label-flip``, else cross-entropy."""
+        return FlippedLabels(num_classes) if self.name == "label-flip" else nn.CrossEntropyLoss()
+
+    def distort(self, update: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+        """What is sent instead of ``update``: ``−scale × update`` (sign-flip), Gaussian noise of
+        std ``scale`` (gaussian, drawn with ``seed``), else ``update``."""
+        if self.name == "sign-flip":
+            return {k: -self.scale * v for k, v in update.items()}
+        if self.name == "gaussian":
+            rng = np.random.default_rng(seed)
+            return {k: rng.normal(0.0, self.scale, v.shape).astype(v.dtype) for k, v in update.items()}
+        return update
 
 
 @register_client("ffgg")
@@ -74,65 +104,56 @@ class FFGGClient(PartialClient):
             if self.grad_batches is not None and self.grad_batches < 1:
                 raise option_error("grad_batches", f"must be >= 1 (or null), got {self.grad_batches}")
 
-    def __init__(self, setup: ClientSetup) -> None:
-        super().__init__(setup)
-        self.attack = "none"
-        self.attack_scale = 1.0
-        self._update: dict[str, np.ndarray] = {}
-
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
-        self.attack = str(config.get("attack", "none"))
-        if self.attack not in ATTACKS:
-            raise ValueError(f"unknown attack '{self.attack}'; one of {ATTACKS}")
-        self.attack_scale = float(config.get("attack-scale", 1.0))
-        return super().fit(parameters, config)
-
-    def _loss_fn(self) -> nn.Module:
-        if self.attack == "label-flip":
-            return FlippedLabels(self.cfg.data.num_classes)
-        return nn.CrossEntropyLoss()
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        """Load x, fine-tune y_i, compute the (attacked, if told) update of x, save y_i and send
+        the update (never x itself). The attack and the update are values of this call."""
+        attack = Attack.from_config(config)
+        self.set_parameters(parameters)
+        result, update = self.local_update(int(config.get("server-round", 0)), attack)
+        self.save_private()
+        metrics = {"train-loss": result.loss, "train-acc": result.accuracy, "num-steps": result.num_steps}
+        return [update[k].astype(np.float32) for k in self.split.shared], len(self.data.train), metrics
 
     def _length(self, count: int, unit: str) -> dict[str, int]:
         return {"steps": count} if unit == "steps" else {"epochs": count}
 
-    def local_train(self, server_round: int) -> TrainResult:
+    def local_update(self, server_round: int, attack: Attack) -> tuple[TrainResult, dict[str, np.ndarray]]:
+        """τ private steps with x frozen, then the gradient in x (FFGG) or the change of x after
+        ``global_steps`` local steps (Local FFGG), as ``attack`` distorts it; x is left as received."""
         o, tc = self.options, self.cfg.train
         loader = self.train_loader(server_round)
+        loss_fn = attack.loss_fn(self.cfg.data.num_classes)
         results: list[TrainResult] = []
         x0 = get_arrays(self.model, self.split.shared)
         if o.private_steps > 0 and self.split.private:
             with trainable_only(self.model, self.split.private) as params:
                 length = self._length(o.private_steps, o.private_unit)
                 results.append(
-                    train_local(
-                        self.model, loader, tc, self.device, params=params, loss_fn=self._loss_fn(), **length
-                    )
+                    train_local(self.model, loader, tc, self.device, params=params, loss_fn=loss_fn, **length)
                 )
         if o.global_steps > 0:
             with trainable_only(self.model, self.split.shared) as params:
                 length = self._length(o.global_steps, o.global_unit)
                 results.append(
-                    train_local(
-                        self.model, loader, tc, self.device, params=params, loss_fn=self._loss_fn(), **length
-                    )
+                    train_local(self.model, loader, tc, self.device, params=params, loss_fn=loss_fn, **length)
                 )
             x1 = get_arrays(self.model, self.split.shared)
             update = {k: x0[k] - x1[k] for k in self.split.shared}
             set_arrays(self.model, x0)  # x is the server's; only the change is sent
             steps = results[-1].num_steps
         else:
-            update, steps, grad_loss = self.shared_gradient(loader)
+            update, steps, grad_loss = self.shared_gradient(loader, loss_fn)
             results.append(TrainResult(grad_loss, float("nan"), len(self.data.train), 0))
-        self._update = self._attacked(update)
         last = results[-1]
-        return TrainResult(
+        result = TrainResult(
             loss=last.loss,
             accuracy=last.accuracy,
             num_examples=len(self.data.train),
             num_steps=sum(r.num_steps for r in results) + (0 if o.global_steps > 0 else steps),
         )
+        return result, attack.distort(update, self.cfg.seed * 7919 + self.client_id)
 
-    def shared_gradient(self, loader) -> tuple[dict[str, np.ndarray], int, float]:
+    def shared_gradient(self, loader, loss_fn: nn.Module) -> tuple[dict[str, np.ndarray], int, float]:
         """∇_x of the mean training loss at (x, y_i) over ``grad_batches`` batches (or one
         pass); returns (gradient, batches, mean loss)."""
         batches = self.options.grad_batches if self.options.grad_batches is not None else len(loader)
@@ -140,7 +161,7 @@ class FFGGClient(PartialClient):
         params = {n: p for n, p in self.model.named_parameters() if n in names}
         self.model.to(self.device).train()
         self.model.zero_grad(set_to_none=True)
-        loss_fn, seen, total = self._loss_fn(), 0, 0.0
+        seen, total = 0, 0.0
         sums = {n: torch.zeros_like(p) for n, p in params.items()}
         with trainable_only(self.model, params):
             for x, y in itertools.islice(cycle(loader), batches):
@@ -156,15 +177,3 @@ class FFGGClient(PartialClient):
         # Buffers in the shared split (none in a ViT) have no gradient: send zeros.
         shared = get_arrays(self.model, self.split.shared)
         return {k: grads.get(k, np.zeros_like(v)) for k, v in shared.items()}, batches, total / max(seen, 1)
-
-    def _attacked(self, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.attack == "sign-flip":
-            return {k: -self.attack_scale * v for k, v in update.items()}
-        if self.attack == "gaussian":
-            rng = np.random.default_rng(self.cfg.seed * 7919 + self.client_id)
-            return {k: rng.normal(0.0, self.attack_scale, v.shape).astype(v.dtype) for k, v in update.items()}
-        return update
-
-    def shared_update(self) -> list[np.ndarray]:
-        """The gradient (FFGG) or pseudo-gradient (Local FFGG) of the shared part."""
-        return [self._update[k].astype(np.float32) for k in self.split.shared]

@@ -25,7 +25,16 @@ from fedvit.evaluation import flops_per_sample
 from fedvit.models.anytime import AnytimeViT, client_tier, keys_up_to
 from fedvit.params import UpdateError, count, parameter_groups
 from fedvit.registry import option_error, register_strategy
-from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record, weighted_mean
+from strategies.base import (
+    ClientUpdate,
+    Payload,
+    PersonalizedStrategy,
+    RoundPlan,
+    Sent,
+    to_numpy,
+    to_record,
+    weighted_mean,
+)
 
 
 @register_strategy("anytime")
@@ -114,31 +123,23 @@ class AnytimeStrategy(PersonalizedStrategy):
 
     # ------------------------------------------------------------------ hooks
 
-    def client_arrays(self, server_round: int, client_id: int, arrays: ArrayRecord) -> ArrayRecord:
+    def train_arrays(self, server_round: int, client_id: int, arrays: ArrayRecord) -> Payload:
+        """The shared arrays of the client's tier (a subset of the checkpoint's, so exportable);
+        its reply must carry exactly these."""
         held = set(self.held_keys(client_id))
-        return ArrayRecord({k: v for k, v in arrays.items() if k in held})
-
-    @classmethod
-    def check_export(cls, cfg: Any) -> None:
-        """Exportable: :meth:`client_arrays` only picks a tier's subset of the checkpoint's arrays."""
+        return Payload(ArrayRecord({k: v for k, v in arrays.items() if k in held}))
 
     def client_config(self, server_round: int, client_id: int, config: ConfigRecord) -> ConfigRecord:
         out = super().client_config(server_round, client_id, config)
         out["tier"] = self.tier(client_id)
         return out
 
-    def expected_shapes(self, update: ClientUpdate) -> dict[str, tuple[int, ...]]:
-        """Only what the client's tier holds."""
-        return {k: self.shared_shapes[k] for k in self.held_keys(update.client_id)}
-
     def sender(self, update: ClientUpdate) -> str:
         return f"client {update.client_id} (tier {self.tier(update.client_id)})"
 
-    def aggregate_shared(
-        self, server_round: int, updates: list[ClientUpdate], current: ArrayRecord | None
-    ) -> ArrayRecord:
+    def aggregate_shared(self, plan: RoundPlan, updates: list[ClientUpdate]) -> ArrayRecord:
         """Per parameter, the sample-weighted mean over the updates that hold it."""
-        old = to_numpy(current) if current is not None else {}
+        old = to_numpy(plan.arrays)
         out: dict[str, np.ndarray] = {}
         for k in self.shared_shapes:
             holders = [u for u in updates if k in u.arrays]
@@ -157,7 +158,9 @@ class AnytimeStrategy(PersonalizedStrategy):
             return {f"budget-{b:g}M": b * 1e6 for b in self.options.budgets_mflops}
         return {f"budget-exit{d}": f for d, f in sorted(self.exit_flops.items())}
 
-    def client_eval_metrics(self, client_id: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    def client_eval_metrics(
+        self, client_id: int, metrics: dict[str, Any], sent: Sent | None
+    ) -> dict[str, Any]:
         """Adds ``test-acc-<budget>`` for every budget: the accuracy of the deepest exit the
         client has (its tier) that costs at most the budget per sample; 0 when even its first
         exit costs more (no answer in budget)."""

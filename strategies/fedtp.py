@@ -32,21 +32,28 @@ The hypernetwork, its optimizer state and the set of trained clients are checkpo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from logging import INFO
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 
 from fedvit.hypernet import HEAD_KINDS, HypernetConfig, HypernetSGD, WeightHypernet, hypernet_step
-from fedvit.params import UpdateError, check_arrays, count, get_arrays, parameter_groups
+from fedvit.params import check_arrays, count, get_arrays, parameter_groups
 from fedvit.registry import method_options, option_error, register_strategy
-from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record, weighted_mean
+from strategies.base import (
+    ClientUpdate,
+    Payload,
+    PersonalizedStrategy,
+    RoundPlan,
+    Sent,
+    to_numpy,
+    to_record,
+    weighted_mean,
+)
 
 UNSEEN_EMBEDDINGS = ("mean", "own")
 
@@ -71,6 +78,8 @@ def generated_keys(model, private: list[str], groups: list[str]) -> list[str]:
 @register_strategy("fedtp")
 class FedTPStrategy(PersonalizedStrategy):
     """FedAvg of the shared part + a hypernetwork that generates each client's ``generated`` tensors."""
+
+    exportable = False  # every client gets its own W_i, which the checkpoint does not hold
 
     @dataclass
     class Options:
@@ -125,9 +134,6 @@ class FedTPStrategy(PersonalizedStrategy):
         self.hnet = WeightHypernet(self.num_clients, generated_init, hn_cfg, seed=self.seed)
         self.optimizer = HypernetSGD(self.hnet, o.hn_lr, o.hn_momentum, o.hn_weight_decay)
         self.trained: list[int] = []  # clients whose update reached the hypernetwork
-        self.sent: dict[int, dict[str, np.ndarray]] = {}  # this round's W_i, for Δ_i
-        self.eval_from_mean: dict[int, bool] = {}  # this evaluation: client -> mean embedding used?
-        self._training = False  # set while a train message is built
 
     def server_resources(self) -> dict[str, float]:
         return {
@@ -167,67 +173,42 @@ class FedTPStrategy(PersonalizedStrategy):
         )
         return self.hnet.generate(client_id, self.trained if from_mean else ()), from_mean
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.sent = {}  # only this round's training messages count for Δ_i
-        return super().configure_train(server_round, arrays, config, grid)
+    def train_arrays(self, server_round: int, client_id: int, arrays: ArrayRecord) -> Payload:
+        """The shared parameters plus W_i from the client's own embedding (noted for Δ_i)."""
+        generated = self.generate(client_id)
+        return Payload(self._with(arrays, generated), {"generated": generated})
 
-    def train_message(
-        self, server_round: int, node: int, arrays: ArrayRecord, config: ConfigRecord
-    ) -> Message:
-        """The base message, built with :meth:`client_arrays` in training mode."""
-        self._training = True
-        try:
-            return super().train_message(server_round, node, arrays, config)
-        finally:
-            self._training = False
+    def evaluate_arrays(self, server_round: int, client_id: int, arrays: ArrayRecord) -> Payload:
+        """The shared parameters plus W_i per :meth:`generate_for_evaluation` (noted: whether
+        it came from the mean embedding)."""
+        generated, from_mean = self.generate_for_evaluation(client_id)
+        return Payload(self._with(arrays, generated), {"mean-embedding": from_mean})
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.eval_from_mean = {}
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
-    def client_arrays(self, server_round: int, client_id: int, arrays: ArrayRecord) -> ArrayRecord:
-        """The shared parameters plus W_i: from the client's own embedding in a training
-        message (remembered for Δ_i), per :meth:`generate_for_evaluation` otherwise."""
+    def _with(self, arrays: ArrayRecord, generated: dict[str, np.ndarray]) -> ArrayRecord:
         shared = {k: v for k, v in to_numpy(arrays).items() if k in self.shared_shapes}
-        if self._training:
-            generated = self.generate(client_id)
-            self.sent[client_id] = generated
-        else:
-            generated, self.eval_from_mean[client_id] = self.generate_for_evaluation(client_id)
         return to_record({**shared, **generated})
 
-    def client_eval_metrics(self, client_id: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    def client_eval_metrics(
+        self, client_id: int, metrics: dict[str, Any], sent: Sent | None
+    ) -> dict[str, Any]:
         """Adds ``mean-embedding``: 1 if the client was evaluated with the mean embedding of the
         trained clients (it never trained), 0 if with its own."""
-        return {**metrics, "mean-embedding": float(self.eval_from_mean.get(client_id, False))}
+        from_mean = sent is not None and bool(sent.note.get("mean-embedding", False))
+        return {**metrics, "mean-embedding": float(from_mean)}
 
-    def expected_shapes(self, update: ClientUpdate) -> dict[str, tuple[int, ...]]:
-        return {**self.shared_shapes, **self.generated_shapes}
-
-    def check_update(self, update: ClientUpdate) -> None:
-        super().check_update(update)
-        if update.client_id not in self.sent:
-            raise UpdateError(f"client {update.client_id}: an update without weights sent to it this round")
-
-    def aggregate_shared(
-        self, server_round: int, updates: list[ClientUpdate], current: ArrayRecord | None
-    ) -> ArrayRecord:
+    def aggregate_shared(self, plan: RoundPlan, updates: list[ClientUpdate]) -> ArrayRecord:
+        """One hypernetwork step from Δ_i = W_i(sent) − W_i(returned); the mean of the rest."""
         total = float(sum(u.num_examples for u in updates))
         changes = [
             (
                 u.client_id,
                 u.num_examples / total,
-                {k: self.sent[u.client_id][k] - u.arrays[k] for k in self.generated_shapes},
+                {k: plan.sent[u.client_id].note["generated"][k] - u.arrays[k] for k in self.generated_shapes},
             )
             for u in updates
         ]
         hypernet_step(self.hnet, self.optimizer, changes)
         self.trained = sorted(set(self.trained) | {u.client_id for u in updates})
-        self.sent = {}
         return to_record(weighted_mean(updates, self.shared_shapes))
 
     # ------------------------------------------------------------------ checkpoints

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO
 from typing import Any
@@ -28,7 +29,7 @@ from flwr.common.logger import log
 
 from fedvit.registry import option_error, register_strategy
 from fedvit.robust import AGGREGATORS, ATTACKS, robust_aggregate
-from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record
+from strategies.base import ClientUpdate, PersonalizedStrategy, RoundPlan, to_numpy, to_record
 
 
 @register_strategy("ffgg")
@@ -92,20 +93,23 @@ class FFGGStrategy(PersonalizedStrategy):
             out["attack-scale"] = float(self.options.attack_scale)
         return out
 
-    def aggregate_shared(
-        self, server_round: int, updates: list[ClientUpdate], current: ArrayRecord | None
-    ) -> ArrayRecord:
-        if current is None:
-            raise ValueError("FFGG needs the current shared parameters")
+    def aggregate_shared(self, plan: RoundPlan, updates: list[ClientUpdate]) -> ArrayRecord:
+        """x ← x − γ · Agg(g_1 … g_n) from the x the round started from."""
+        return to_record(self.robust_step(to_numpy(plan.arrays), [u.arrays for u in updates]))
+
+    def robust_step(
+        self, x: dict[str, np.ndarray], gradients: list[Mapping[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """One server step x ← x − γ · Agg(gradients) with the configured rule over x's keys
+        (float64 arithmetic, x's dtype); Multi-Krum keeps ``multi_krum_keep`` or n − f."""
         o = self.options
-        x = to_numpy(current)
-        keep = o.multi_krum_keep or max(1, len(updates) - self.num_byzantine)
+        keep = o.multi_krum_keep or max(1, len(gradients) - self.num_byzantine)
         g = robust_aggregate(
             o.aggregator,
-            [u.arrays for u in updates],
-            list(self.shared_shapes),
+            gradients,
+            list(x),
             num_byzantine=self.num_byzantine,
             trim_fraction=o.trim_fraction,
-            multi_krum_keep=min(keep, len(updates)),
+            multi_krum_keep=min(keep, len(gradients)),
         )
-        return to_record({k: (x[k].astype(np.float64) - o.server_lr * g[k]).astype(x[k].dtype) for k in x})
+        return {k: (v.astype(np.float64) - o.server_lr * g[k]).astype(v.dtype) for k, v in x.items()}

@@ -34,15 +34,14 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from fedvit.params import UpdateError
 from fedvit.registry import option_error, register_strategy
-from fedvit.robust import robust_aggregate
-from strategies.base import ClientUpdate, RoundFailedError, to_numpy, to_record
+from strategies.base import ClientUpdate, RoundFailedError, RoundPlan, to_numpy, to_record
 from strategies.ffgg import FFGGStrategy
 
 MODES = ("immediate", "buffer")
@@ -125,16 +124,7 @@ class AsyncFFGGStrategy(FFGGStrategy):
             self.buffer.append(({k: update.arrays[k] for k in x}, w))
             if len(self.buffer) >= o.buffer_size:
                 weighted = [{k: w_ * g[k].astype(np.float64) for k in g} for g, w_ in self.buffer]
-                keep = o.multi_krum_keep or max(1, len(weighted) - self.num_byzantine)
-                agg = robust_aggregate(
-                    o.aggregator,
-                    weighted,
-                    list(x),
-                    num_byzantine=self.num_byzantine,
-                    trim_fraction=o.trim_fraction,
-                    multi_krum_keep=min(keep, len(weighted)),
-                )
-                x = {k: (v.astype(np.float64) - o.server_lr * agg[k]).astype(v.dtype) for k, v in x.items()}
+                x = self.robust_step(x, weighted)
                 self.buffer = []
                 self.version += 1
                 entry["flushed"] = True
@@ -169,7 +159,7 @@ class AsyncFFGGStrategy(FFGGStrategy):
 
     # ------------------------------------------------------------------ the loop
 
-    def start(  # type: ignore[override]
+    def start(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
@@ -177,7 +167,6 @@ class AsyncFFGGStrategy(FFGGStrategy):
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Any = None,
         start_round: int = 1,
     ) -> Result:
         """Hand out work and apply replies as they come until ``num_rounds`` rounds of
@@ -194,7 +183,7 @@ class AsyncFFGGStrategy(FFGGStrategy):
             self.log = self.recorder.data.setdefault("async_updates", [])  # kept across a resume
         self.discover(grid, timeout)
         rng = random.Random(self.seed * 1_000_033 + start_round)
-        in_flight: dict[int, tuple[str, int]] = {}  # client address -> (message id, version sent)
+        in_flight: dict[int, tuple[str, int, RoundPlan]] = {}  # address -> (message id, version, plan)
         idle = [n for n in self._live_nodes(grid)]
         rng.shuffle(idle)
         rnd, t0, round_updates, round_losses = start_round, time.time(), {}, []
@@ -205,9 +194,12 @@ class AsyncFFGGStrategy(FFGGStrategy):
         def hand_out() -> None:
             while idle and len(in_flight) < self.options.concurrency:
                 node = idle.pop(0)
-                msg = self.train_message(rnd, node, to_record(x), train_config)
-                ((mid, _),) = self.push(grid, [msg]).items()
-                in_flight[node] = (mid, self.version)
+                # a plan of one message: it is applied on its own whenever its reply comes
+                messages, plan = self.plan_messages(
+                    MessageType.TRAIN, rnd, [node], to_record(x), train_config, 1
+                )
+                ((mid, _),) = self.push(grid, messages).items()
+                in_flight[node] = (mid, self.version, plan)
 
         hand_out()
         while rnd <= num_rounds:
@@ -224,14 +216,14 @@ class AsyncFFGGStrategy(FFGGStrategy):
                 node = reply.metadata.src_node_id
                 if node not in in_flight:
                     continue
-                _, sent_version = in_flight.pop(node)
+                _, sent_version, plan = in_flight.pop(node)
                 cid = self.node_to_client.get(node, -1)
                 if reply.has_error():
                     failures.append(f"client {cid} (node {node}): {reply.error.reason}")
                     log(WARNING, "client %d failed: %s", cid, reply.error.reason)
                     continue  # a failing client gets no new work
                 try:
-                    update = self.parse_update(reply)
+                    update = self.parse_update(reply, plan)
                 except (UpdateError, KeyError, TypeError, ValueError) as err:
                     rejected[str(cid)] = str(err)
                     log(WARNING, "Rejected update of client %d: %s", cid, err)
@@ -288,11 +280,13 @@ class AsyncFFGGStrategy(FFGGStrategy):
         return arrays
 
     @staticmethod
-    def _awaited(in_flight: dict[int, tuple[str, int]]) -> dict[str, int]:
+    def _awaited(in_flight: dict[int, tuple[str, int, RoundPlan]]) -> dict[str, int]:
         """Message id -> client address of the messages in flight (what :meth:`pull` needs)."""
-        return {mid: address for address, (mid, _) in in_flight.items()}
+        return {mid: address for address, (mid, _, _) in in_flight.items()}
 
-    def _drain(self, grid: Grid, in_flight: dict[int, tuple[str, int]], wait: float = 30.0) -> None:
+    def _drain(
+        self, grid: Grid, in_flight: dict[int, tuple[str, int, RoundPlan]], wait: float = 30.0
+    ) -> None:
         """Collect (and discard) replies still in flight, so no client is cut off mid-message."""
         end = time.time() + wait
         while in_flight and time.time() < end:

@@ -39,8 +39,7 @@ Options (``method.options``): ``embed_dim`` 100, ``hidden`` 100, ``n_layers`` 3,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -53,9 +52,9 @@ from flwr.serverapp import Grid
 
 from fedvit.alpha_plot import ALPHA_FILE, AlphaMatrix, plot_alpha, save_alpha
 from fedvit.layeragg import GRANULARITIES, LayerAggregation, aggregation_layers
-from fedvit.params import UpdateError, get_arrays
+from fedvit.params import get_arrays
 from fedvit.registry import method_options, option_error, register_strategy
-from strategies.base import ClientUpdate, PersonalizedStrategy, to_record
+from strategies.base import ClientUpdate, Payload, PersonalizedStrategy, RoundPlan, to_record
 
 STORE_DIR = "model-store"
 
@@ -63,6 +62,8 @@ STORE_DIR = "model-store"
 @register_strategy("pfedla")
 class PFedLAStrategy(PersonalizedStrategy):
     """Per-client messages θ̄_i = Σ_j α_ij θ_j (layer-wise); per-client hypernetworks learn α_i."""
+
+    exportable = False  # every client gets its own θ̄_i, which the checkpoint does not hold
 
     @dataclass
     class Options:
@@ -147,9 +148,6 @@ class PFedLAStrategy(PersonalizedStrategy):
             seed=self.seed,
         )
         self.trained: list[int] = []  # clients whose update reached their hypernetwork
-        self.sent: set[int] = set()  # clients sent θ̄_i for training this round
-        self._round_versions: list[int] | None = None  # the store as it was when θ̄_i were sent
-        self._training = False
 
     def server_resources(self) -> dict[str, float]:
         store = self.agg.store
@@ -176,41 +174,29 @@ class PFedLAStrategy(PersonalizedStrategy):
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.sent = set()
-        self._round_versions = list(self.agg.store.versions)
-        self._training = True
-        try:
-            return list(super().configure_train(server_round, arrays, config, grid))
-        finally:
-            self._training = False
+    ) -> tuple[list[Message], RoundPlan]:
+        """The base's messages; the plan notes the store's versions the θ̄_i are built from (the
+        hypernetwork update recomputes θ̄_i from them instead of keeping what was sent)."""
+        versions = tuple(self.agg.store.versions)
+        messages, plan = super().configure_train(server_round, arrays, config, grid)
+        return messages, replace(plan, note={"versions": versions})
 
-    def client_arrays(self, server_round: int, client_id: int, arrays: ArrayRecord) -> ArrayRecord:
+    def train_arrays(self, server_round: int, client_id: int, arrays: ArrayRecord) -> Payload:
+        """θ̄_i, client ``client_id``'s personalized aggregate of the stored models (also what
+        it is evaluated with: :meth:`evaluate_arrays` is this)."""
         if not 0 <= client_id < self.num_clients:
             raise ValueError(
                 f"client {client_id} has no hypernetwork (clients.num_clients={self.num_clients})"
             )
-        if self._training:
-            self.sent.add(client_id)
-        return to_record(self.agg.personalized(client_id))
+        return Payload(to_record(self.agg.personalized(client_id)))
 
-    def check_update(self, update: ClientUpdate) -> None:
-        super().check_update(update)
-        if update.client_id not in self.sent:
-            raise UpdateError(f"client {update.client_id}: an update without a model sent to it this round")
-
-    def aggregate_shared(
-        self, server_round: int, updates: list[ClientUpdate], current: ArrayRecord | None
-    ) -> ArrayRecord:
+    def aggregate_shared(self, plan: RoundPlan, updates: list[ClientUpdate]) -> ArrayRecord:
         """HN_i steps and θ_i ← returned for each update; the returned record is the run's
-        unused "global" model (the initial one, passed through)."""
+        unused "global" model (the round's, passed through)."""
         for u in updates:
-            self.agg.update(u.client_id, u.arrays, version=server_round, versions=self._round_versions)
+            self.agg.update(u.client_id, u.arrays, version=plan.server_round, versions=plan.note["versions"])
         self.trained = sorted(set(self.trained) | {u.client_id for u in updates})
-        self.sent = set()
-        if current is not None:
-            return current
-        return to_record(self.agg.store.unflatten(self.agg.store.read(0, [0] * self.num_clients)))
+        return plan.arrays
 
     # ------------------------------------------------------------------ checkpoints
 

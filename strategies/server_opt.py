@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord
 
 from fedvit.params import UpdateError
 from fedvit.registry import option_error, register_strategy
-from strategies.base import ClientUpdate, PersonalizedStrategy, to_numpy, to_record
+from strategies.base import ClientUpdate, PersonalizedStrategy, RoundPlan, Sent, to_numpy, to_record
 
 
 class ServerOptimizer(enum.StrEnum):
@@ -79,18 +79,15 @@ class ServerOptStrategy(PersonalizedStrategy):
         self.step = 0  # server optimizer steps taken
         self.moments: dict[str, dict[str, np.ndarray]] = {"exp_avg": {}, "exp_avg_sq": {}}
 
-    def check_update(self, update: ClientUpdate) -> None:
-        super().check_update(update)
+    def check_update(self, update: ClientUpdate, sent: Sent) -> None:
+        super().check_update(update, sent)
         steps = update.metrics.get("num-steps")
         if not isinstance(steps, int | float) or not steps > 0:
             raise UpdateError(f"client {update.client_id}: num-steps must be > 0, got {steps!r}")
 
-    def aggregate_shared(
-        self, server_round: int, updates: list[ClientUpdate], current: ArrayRecord | None
-    ) -> ArrayRecord:
-        if current is None:
-            raise ValueError("the server optimizer needs the current shared parameters")
-        x = to_numpy(current)
+    def aggregate_shared(self, plan: RoundPlan, updates: list[ClientUpdate]) -> ArrayRecord:
+        """One optimizer step along Δ from the x the round started from."""
+        x = to_numpy(plan.arrays)
         delta = pseudo_gradient(updates, x)
         self.step += 1
         return to_record({k: self._apply(k, x[k], d).astype(x[k].dtype) for k, d in delta.items()})

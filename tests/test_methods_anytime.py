@@ -11,10 +11,12 @@ import fedhelpers
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 from clients.anytime import AnytimeClient
 from fedvit.cli import main as cli_main
 from fedvit.config import ConfigError, load_config
+from fedvit.inprocess import InProcessGrid
 from fedvit.models import build_model
 from fedvit.models.anytime import AnytimeViT
 from fedvit.params import ParameterSplit, UpdateError, get_arrays, parameter_groups
@@ -114,22 +116,26 @@ def test_the_server_averages_each_parameter_over_the_clients_that_hold_it() -> N
             300,
         ),
     ]
+    grid = InProcessGrid({}, 2, client_app=lambda msg, ctx: msg)
+    strategy.node_to_client = {node: c for c, node in enumerate(sorted(grid.contexts))}
+    _, plan = strategy.configure_train(1, current, ConfigRecord(), grid)
+    assert set(plan.sent[0].shapes) == set(strategy.held_keys(0))  # a client is sent its tier only
     for u in updates:
-        strategy.check_update(u)
-    out = to_numpy(strategy.aggregate_shared(1, updates, current))
+        strategy.check_update(u, plan.sent[u.client_id])
+    out = to_numpy(strategy.aggregate_shared(plan, updates))
     assert np.allclose(out["adapters.1.w"], 0.25 * 1 + 0.75 * 4)
     assert np.allclose(out["adapters.2.w"], 4.0)  # client 0 does not hold it: not diluted
     assert np.allclose(out["adapters.3.w"], 9.0)  # nobody holds it: unchanged
     extra = ClientUpdate(0, 0, {**updates[0].arrays, "adapters.2.w": np.zeros(2, np.float32)}, 100)
     with pytest.raises(UpdateError, match="unknown"):
-        strategy.check_update(extra)  # a tier-1 client may not send adapter 2
+        strategy.check_update(extra, plan.sent[0])  # a tier-1 client may not send adapter 2
 
 
 def test_accuracy_at_a_compute_budget_is_the_deepest_affordable_exit_a_client_has() -> None:
     flops = {1: 1e6, 2: 2e6, 3: 3e6}
     tier2 = {"test-acc-exit1": 0.5, "test-acc-exit2": 0.7, "test-acc": 0.7}  # a tier-2 client
     by_exit = AnytimeStrategy(full_depth=3, shared_shapes={}, num_clients=1, exit_flops=flops)
-    got = by_exit.client_eval_metrics(0, tier2)
+    got = by_exit.client_eval_metrics(0, tier2, None)
     assert {k: v for k, v in got.items() if "budget" in k} == {
         "test-acc-budget-exit1": 0.5,
         "test-acc-budget-exit2": 0.7,
@@ -139,7 +145,7 @@ def test_accuracy_at_a_compute_budget_is_the_deepest_affordable_exit_a_client_ha
     explicit = AnytimeStrategy(
         full_depth=3, shared_shapes={}, num_clients=1, exit_flops=flops, options=options
     )
-    got = explicit.client_eval_metrics(0, tier2)
+    got = explicit.client_eval_metrics(0, tier2, None)
     assert [got[f"test-acc-budget-{b}M"] for b in ("0.5", "1", "2.5", "10")] == [0.0, 0.5, 0.7, 0.7]
     with pytest.raises(ConfigError, match="budgets_mflops"):
         anytime_cfg("method.options.budgets_mflops=[0]")

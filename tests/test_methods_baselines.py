@@ -14,7 +14,7 @@ from fedhelpers import stored_private
 
 from fedvit.config import ConfigError, load_config
 from fedvit.params import UpdateError, parameter_groups
-from strategies.base import ClientUpdate, RoundFailedError, to_numpy, to_record
+from strategies.base import ClientUpdate, RoundFailedError, RoundPlan, Sent, to_numpy, to_record
 from strategies.server_opt import ServerOptStrategy
 
 TINY = (
@@ -240,8 +240,13 @@ def updates(clients=CLIENTS) -> list[ClientUpdate]:
     ]
 
 
+def plan(x: dict[str, np.ndarray], rnd: int = 1) -> RoundPlan:
+    """A training round that started from ``x`` (what the server optimizer steps from)."""
+    return RoundPlan("train", rnd, to_record(x), {}, 0)
+
+
 def step(strategy: ServerOptStrategy, x: dict[str, np.ndarray], rnd: int = 1) -> dict[str, np.ndarray]:
-    return to_numpy(strategy.aggregate_shared(rnd, updates(), to_record(x)))
+    return to_numpy(strategy.aggregate_shared(plan(x, rnd), updates()))
 
 
 def test_sgd_with_server_lr_1_is_fedavg_weighted_by_local_batches() -> None:
@@ -265,7 +270,7 @@ def test_clients_are_weighted_by_local_batches_not_examples() -> None:
             ClientUpdate(0, 1, a, examples[0], {"num-steps": 3}),
             ClientUpdate(1, 2, b, examples[1], {"num-steps": 1}),
         ]
-        new = to_numpy(server().aggregate_shared(1, ups, to_record(a)))
+        new = to_numpy(server().aggregate_shared(plan(a), ups))
         np.testing.assert_allclose(new["w"], [1.0, 1.0])  # 3/4 * 0 + 1/4 * 4
 
 
@@ -308,11 +313,12 @@ def test_resuming_with_another_server_optimizer_is_refused(tmp_path: Path) -> No
 
 
 def test_an_update_without_local_batches_is_rejected() -> None:
-    s = server()
+    s, sent = server(), Sent(0, 1, {k: v.shape for k, v in X0.items()})
+    s.check_update(ClientUpdate(0, 1, dict(X0), 10, {"num-steps": 1}), sent)
     with pytest.raises(UpdateError, match="num-steps"):
-        s.check_update(ClientUpdate(0, 1, dict(X0), 10, {}))
+        s.check_update(ClientUpdate(0, 1, dict(X0), 10, {}), sent)
     with pytest.raises(UpdateError, match="num-steps"):
-        s.check_update(ClientUpdate(0, 1, dict(X0), 10, {"num-steps": 0}))
+        s.check_update(ClientUpdate(0, 1, dict(X0), 10, {"num-steps": 0}), sent)
 
 
 @pytest.mark.parametrize(

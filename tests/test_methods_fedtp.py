@@ -12,6 +12,7 @@ import fedhelpers
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 import strategies.fedtp
 from fedvit.config import ConfigError, load_config
@@ -22,9 +23,10 @@ from fedvit.hypernet import (
     hypernet_num_parameters,
     hypernet_step,
 )
+from fedvit.inprocess import InProcessGrid
 from fedvit.models import build_model
 from fedvit.params import ParameterSplit, parameter_groups
-from strategies.base import ClientUpdate, to_record
+from strategies.base import ClientUpdate, RoundPlan, to_record
 from strategies.fedtp import FedTPStrategy
 
 TINY_MODEL = (
@@ -237,18 +239,30 @@ def test_the_gradient_is_the_weighted_vector_jacobian_product() -> None:
     assert not torch.equal(hnet.embeddings.weight[1], w0["embeddings.weight"][1])
 
 
+def train_plan(s: FedTPStrategy, client: int, shared: dict[str, np.ndarray]) -> RoundPlan:
+    """Round 1's plan when only ``client`` is connected: what the strategy sent it to train."""
+    grid = InProcessGrid({}, 1, client_app=lambda msg, ctx: msg)
+    s.node_to_client = {node: client for node in grid.contexts}
+    messages, plan = s.configure_train(1, to_record(shared), ConfigRecord(), grid)
+    sent = {k: v.numpy() for k, v in messages[0].content["arrays"].items()}
+    assert plan.sent[client].note["generated"].keys() == s.generated_shapes.keys()
+    for k, w in plan.sent[client].note["generated"].items():
+        np.testing.assert_array_equal(sent[k], w)  # the note is exactly the W_i that was sent
+    return plan
+
+
 def test_the_strategys_step_moves_a_clients_generated_qkv_toward_what_it_returned(tmp_path: Path) -> None:
     """Δ = sent − returned where the strategy computes it: after one round the client's newly
     generated Q/K/V are closer to what it returned than what it was sent (a flipped Δ moves them away)."""
     s = strategy_for(tmp_path)
     rng = np.random.default_rng(0)
-    sent = s.generate(1)
-    s.sent = {1: sent}
-    returned = {k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in sent.items()}
     shared = {k: np.zeros(sh, np.float32) for k, sh in s.shared_shapes.items()}
+    plan = train_plan(s, 1, shared)
+    sent = plan.sent[1].note["generated"]
+    returned = {k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in sent.items()}
     update = ClientUpdate(1, 10, {**shared, **returned}, 5)
-    s.check_update(update)
-    s.aggregate_shared(1, [update], to_record(shared))
+    s.check_update(update, plan.sent[1])
+    s.aggregate_shared(plan, [update])
     after = s.generate(1)
     moved = sum(float(((after[k] - sent[k]) * (returned[k] - sent[k])).sum()) for k in sent)
     gap_before = sum(float(((returned[k] - sent[k]) ** 2).sum()) for k in sent)
@@ -258,13 +272,13 @@ def test_the_strategys_step_moves_a_clients_generated_qkv_toward_what_it_returne
 
 def test_strategy_checkpoint_round_trip_keeps_momentum(tmp_path: Path) -> None:
     a = strategy_for(tmp_path)
-    sent = a.generate(0)
-    a.sent = {0: sent}
-    returned = {k: v - 0.01 for k, v in sent.items()}
     shared = {k: np.zeros(s, np.float32) for k, s in a.shared_shapes.items()}
+    plan = train_plan(a, 0, shared)
+    sent = plan.sent[0].note["generated"]
+    returned = {k: v - 0.01 for k, v in sent.items()}
     update = ClientUpdate(0, 10, {**shared, **returned}, 5)
-    a.check_update(update)
-    a.aggregate_shared(1, [update], to_record(shared))
+    a.check_update(update, plan.sent[0])
+    a.aggregate_shared(plan, [update])
     arrays, state = a.state_dict()
     b = strategy_for(tmp_path)
     b.load_state_dict(arrays, json.loads(json.dumps(state)))

@@ -13,12 +13,14 @@ import fedhelpers
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 from fedvit.config import ConfigError, load_config
+from fedvit.inprocess import InProcessGrid
 from fedvit.layeragg import LayerAggregation, aggregation_layers
 from fedvit.models import build_model
 from fedvit.params import ParameterSplit
-from strategies.base import ClientUpdate
+from strategies.base import ClientUpdate, to_record
 from strategies.pfedla import STORE_DIR, PFedLAStrategy
 
 TINY_MODEL = (
@@ -175,21 +177,25 @@ def test_checkpoint_round_trip_restores_hypernetworks_momentum_and_the_store_aft
     a.checkpoint_dir = tmp_path / "run" / "checkpoint"
     shapes = a.shared_shapes
 
+    current = to_record({k: np.zeros(v, np.float32) for k, v in shapes.items()})
+
     def train_round(s: PFedLAStrategy, rnd: int) -> None:
-        s._round_versions, s.sent = list(s.agg.store.versions), {0, 1}
-        updates = [
-            ClientUpdate(c, 10 + c, {k: v - 0.01 * (c + 1) for k, v in s.agg.personalized(c).items()}, 5)
-            for c in (0, 1)
-        ]
-        for u in updates:
-            s.check_update(u)
-        assert s.aggregate_shared(rnd, updates, None).keys() == shapes.keys()
+        grid = InProcessGrid({}, 2, client_app=lambda msg, ctx: msg)  # clients 0 and 1 are connected
+        s.node_to_client = {node: c for c, node in enumerate(sorted(grid.contexts))}
+        messages, plan = s.configure_train(rnd, current, ConfigRecord(), grid)
+        assert plan.note["versions"] == tuple(s.agg.store.versions)  # what θ̄_i are built from
+        updates = []
+        for msg in messages:
+            c = s.node_to_client[msg.metadata.dst_node_id]
+            sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            updates.append(
+                ClientUpdate(c, msg.metadata.dst_node_id, {k: v - 0.01 * (c + 1) for k, v in sent.items()}, 5)
+            )
+            s.check_update(updates[-1], plan.sent[c])
+        assert s.aggregate_shared(plan, updates) is current  # no global model: passed through
 
     train_round(a, 1)
-    current = {k: np.zeros(v, np.float32) for k, v in shapes.items()}
-    from strategies.base import to_record
-
-    a.save_checkpoint(1, to_record(current))
+    a.save_checkpoint(1, current)
     expected = {c: a.agg.personalized(c) for c in range(3)}
     store = tmp_path / "run" / STORE_DIR
     assert sorted(p.name for p in store.iterdir()) == ["client-0.v1.npy", "client-1.v1.npy", "initial.npy"]
@@ -211,14 +217,6 @@ def test_checkpoint_round_trip_restores_hypernetworks_momentum_and_the_store_aft
         other.load_state_dict(arrays, json.loads(json.dumps(state)))
     res = b.server_resources()
     assert res["model_store_params"] == 3 * b.agg.store.size and res["hypernetwork_params"] > 0
-
-
-def test_an_update_the_server_did_not_ask_for_is_rejected(tmp_path: Path) -> None:
-    from fedvit.params import UpdateError
-
-    s = strategy_for(tmp_path)
-    with pytest.raises(UpdateError, match="without a model sent"):
-        s.check_update(ClientUpdate(0, 1, s.agg.personalized(0), 5))
 
 
 # --------------------------------------------------------------------------- in a federation

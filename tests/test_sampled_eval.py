@@ -43,7 +43,7 @@ def make(num_rounds: int = 10, **kw) -> tuple[PersonalizedStrategy, InProcessGri
 def asked(strategy: PersonalizedStrategy, grid: InProcessGrid, rnd: int) -> list[int]:
     """Client ids of the evaluate messages the strategy configures for round ``rnd``."""
     arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
-    messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+    messages, _ = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
     assert all(m.metadata.message_type == "evaluate" for m in messages)
     return [strategy.node_to_client[m.metadata.dst_node_id] for m in messages]
 
@@ -108,9 +108,10 @@ def test_only_live_clients_are_sampled_and_counted() -> None:
     grid.offline = set(sorted(grid.contexts)[:4])  # clients 0-3 are gone
     sampled = asked(strategy, grid, 1)
     assert len(sampled) == 2 and min(sampled) >= 4  # round(0.25 * 8)
-    assert strategy._eval_plan == (1, True, 2, 8)
     assert asked(strategy, grid, 3) == list(range(4, N))
-    assert strategy._eval_plan == (3, False, 8, 8)
+    arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    plans = {r: strategy.configure_evaluate(r, arrays, ConfigRecord(), grid)[1] for r in (1, 3)}
+    assert [(p.sampled, len(p.sent), p.live) for p in plans.values()] == [(True, 2, 8), (False, 8, 8)]
 
 
 # ---------------------------------------------------------------------- what is recorded
@@ -120,9 +121,9 @@ def test_aggregate_evaluate_records_the_round_as_sampled_with_k_of_n(tmp_path: P
     strategy, grid = make(num_rounds=3, eval_fraction=0.25)
     strategy.recorder = RunRecorder(tmp_path, {}, plots=False)
     arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
-    messages = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid))
+    messages, plan = strategy.configure_evaluate(1, arrays, ConfigRecord(), grid)
     ids = [strategy.node_to_client[m.metadata.dst_node_id] for m in messages]
-    metrics = strategy.aggregate_evaluate(1, strategy.exchange(grid, messages, timeout=10))
+    metrics = strategy.aggregate_evaluate(plan, strategy.exchange(grid, messages, timeout=10))
     ev = strategy.recorder.data["rounds"][-1]["eval"]
     counts = (ev["clients_evaluated"], ev["clients_asked"], ev["clients_total"])
     assert ev["mode"] == "sampled" and counts == (3, 3, N)

@@ -8,11 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedvit.inprocess import InProcessGrid
 from fedvit.results import RunRecorder
-from strategies.base import ClientUpdate, PersonalizedStrategy, to_record, weighted_mean
+from strategies.base import (
+    ClientUpdate,
+    Payload,
+    PersonalizedStrategy,
+    RoundPlan,
+    Sent,
+    to_record,
+    weighted_mean,
+)
 
 SHAPES = {"w": (2,), "b": (1,)}
 
@@ -114,8 +122,8 @@ def test_a_bad_update_is_rejected_logged_and_not_aggregated(tmp_path: Path, mode
 
 def test_per_client_messages_reach_the_right_client(tmp_path: Path) -> None:
     class PerClient(PersonalizedStrategy):
-        def client_arrays(self, server_round, client_id, arrays):
-            return to_record({k: v.numpy() + 100 * client_id for k, v in arrays.items()})
+        def train_arrays(self, server_round, client_id, arrays):
+            return Payload(to_record({k: v.numpy() + 100 * client_id for k, v in arrays.items()}))
 
     seen: dict = {}
     strategy = make_strategy(tmp_path)
@@ -218,3 +226,61 @@ def test_a_lost_node_is_named_in_the_round_failures_and_the_round_goes_on(
     (failure,) = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]["train"]["failures"]
     assert failure.startswith("client 1 (node 1008):")
     assert ("Node Unavailable" if superlink_error else "no reply within 7s") in failure
+
+
+# ---------------------------------------------------------------------- the round as a value
+
+
+def test_configure_train_returns_the_messages_and_a_plan_of_what_each_client_was_sent(tmp_path: Path) -> None:
+    class PerClient(PersonalizedStrategy):
+        def train_arrays(self, server_round, client_id, arrays):
+            extra = to_record({"w": np.zeros(2, np.float32), "b": np.zeros(1, np.float32), "x": np.ones(3)})
+            return Payload(extra if client_id == 1 else arrays, {"asked": client_id})
+
+    strategy = make_strategy(tmp_path, fraction_train=0.67, seed=3)
+    strategy.__class__ = PerClient
+    grid = InProcessGrid({}, 3, client_app=numpy_client())
+    strategy.discover(grid, 5)
+    messages, plan = strategy.configure_train(4, initial(), ConfigRecord(), grid)
+    assert (plan.kind, plan.server_round, plan.live, plan.sampled) == ("train", 4, 3, True)
+    assert plan.arrays is not None and plan.arrays["w"].numpy().tolist() == [0.0, 0.0]
+    assert sorted(plan.sent) == sorted(strategy.node_to_client[m.metadata.dst_node_id] for m in messages)
+    assert len(plan.sent) == 2
+    for msg in messages:
+        sent = plan.sent[strategy.node_to_client[msg.metadata.dst_node_id]]
+        assert sent.address == msg.metadata.dst_node_id and sent.note == {"asked": sent.client_id}
+        assert dict(sent.shapes) == {k: tuple(v.shape) for k, v in msg.content["arrays"].items()}
+        assert msg.content["config"]["client-id"] == sent.client_id
+    with pytest.raises(AttributeError):
+        plan.server_round = 5  # type: ignore[misc]  # a record, not a place to keep state
+
+
+def test_no_round_data_is_kept_on_the_strategy_between_calls(tmp_path: Path) -> None:
+    strategy = make_strategy(tmp_path)
+    grid = InProcessGrid({}, 3, client_app=numpy_client())
+    strategy.discover(grid, 5)
+    before = dict(vars(strategy))
+    messages, plan = strategy.configure_train(1, initial(), ConfigRecord(), grid)
+    replies = strategy.exchange(grid, messages, timeout=5)
+    strategy.aggregate_train(plan, replies)
+    messages, plan = strategy.configure_evaluate(1, initial(), ConfigRecord(), grid)
+    strategy.aggregate_evaluate(plan, strategy.exchange(grid, messages, timeout=5))
+    assert vars(strategy) == before
+
+
+def test_a_reply_is_judged_by_the_plan_it_is_aggregated_with(tmp_path: Path) -> None:
+    """Replies of a round aggregated with another round's plan: what that plan did not send is
+    rejected, and the rest must carry exactly the names and shapes that plan sent."""
+    strategy = make_strategy(tmp_path)
+    grid = InProcessGrid({}, 3, client_app=numpy_client())
+    strategy.discover(grid, 5)
+    messages, plan = strategy.configure_train(1, initial(), ConfigRecord(), grid)
+    replies = strategy.exchange(grid, messages, timeout=5)
+    only_0 = {0: plan.sent[0]}
+    narrower = {1: Sent(1, plan.sent[1].address, {"w": (2,)})}
+    other = RoundPlan("train", 1, plan.arrays, {**only_0, **narrower}, 3)
+    _, metrics = strategy.aggregate_train(other, replies)
+    assert metrics["num-clients"] == 1
+    rejected = strategy.recorder.data["rounds"][0]["train"]["rejected"]
+    assert "without a message sent to it" in rejected["2"]
+    assert "unknown: ['b']" in rejected["1"]
