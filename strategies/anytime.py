@@ -42,6 +42,11 @@ class AnytimeStrategy(PersonalizedStrategy):
     """FedAvg of each shared parameter over the clients (tiers) that hold it; accuracy at
     compute budgets from the per-exit accuracies."""
 
+    dp_refusal = (
+        "each parameter is averaged over the clients whose tier holds it, a different number of "
+        "clients (so a different noise scale) per parameter"
+    )
+
     @dataclass
     class Options:
         #: per-sample compute budgets (MFLOPs) to report accuracy at; []: each exit's cost

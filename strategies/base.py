@@ -46,6 +46,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from fedvit.params import UpdateError, check_arrays
+from fedvit.privacy import SharedDP, privatize, progress, train_metrics
 from fedvit.registry import method_options, register_strategy
 from fedvit.results import RunRecorder
 from fedvit.wire import to_numpy, to_record
@@ -90,6 +91,13 @@ class PersonalizedStrategy(Federation):
     #: Whether every client's shared parameters are the checkpoint's, which ``fedvit export``
     #: combines with its private ones; ``False`` for a server that makes per-client parameters.
     exportable: ClassVar[bool] = True
+    #: Why this server cannot take client-level DP on the shared split (``dp.enabled``, see
+    #: :mod:`fedvit.privacy`); ``None``: it aggregates the clients' shared updates into one release.
+    dp_refusal: ClassVar[str | None] = None
+    #: Whether a training reply is the update itself (FFGG's gradient), not shared parameters.
+    dp_replies_are_updates: ClassVar[bool] = False
+    #: The run's private aggregation (``dp.enabled``), set by :meth:`from_config`.
+    privacy: SharedDP | None = None
 
     def __init__(
         self,
@@ -146,6 +154,7 @@ class PersonalizedStrategy(Federation):
         )
         if recorder is not None:
             recorder.set_evaluation(strategy.schedule.protocol())
+        strategy.privacy = SharedDP.from_config(cfg)
         return strategy
 
     def summary(self) -> None:
@@ -235,6 +244,20 @@ class PersonalizedStrategy(Federation):
                 f"({cls.__name__}), which the checkpoint does not hold; export is not supported"
             )
 
+    @classmethod
+    def check_privacy(cls, cfg: Any) -> None:
+        """``ConfigError`` unless this server can apply ``dp`` (:func:`fedvit.privacy.check`): refused
+        when the class sets :attr:`dp_refusal`, or replaces the round loop or ``aggregate_train``, where
+        :func:`~fedvit.privacy.privatize` runs."""
+        reason = cls.dp_refusal
+        for name in ("aggregate_train", "start", "run_rounds"):
+            if reason is None and getattr(cls, name, None) is not getattr(PersonalizedStrategy, name, None):
+                reason = f"{cls.__name__} overrides {name}, where the private release is made"
+        if reason:
+            from fedvit.config import ConfigError
+
+            raise ConfigError(f"method '{cfg.method.name}': dp.enabled is not supported: {reason}")
+
     # ------------------------------------------------------------------ training
 
     def sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
@@ -317,10 +340,18 @@ class PersonalizedStrategy(Federation):
             raise RoundFailedError(
                 f"round {plan.server_round}: no client produced an update; " + "; ".join(reasons[:3])
             )
-        aggregated = self.aggregate_shared(plan, updates)
+        shared = updates
+        if self.privacy is not None:  # dp: one release of the clipped, averaged, noised updates
+            current = None if self.dp_replies_are_updates else to_numpy(plan.arrays)
+            shared = privatize(self.privacy, plan.server_round, updates, current, self.recorder)
+        aggregated = self.aggregate_shared(plan, shared)
         losses = [u.metrics.get("train-loss", float("nan")) for u in updates]
         return aggregated, MetricRecord(
-            {"train-loss": float(np.nanmean(losses)), "num-clients": len(updates)}
+            {
+                "train-loss": float(np.nanmean(losses)),
+                "num-clients": len(updates),
+                **train_metrics(self.privacy, plan.server_round),
+            }
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -463,6 +494,8 @@ class PersonalizedStrategy(Federation):
         parts = [f"round {rnd}/{self.num_rounds}", f"{seconds:.1f}s"]
         if train is not None:
             parts.append(f"train loss {train['train-loss']:.4f} ({int(train['num-clients'])} clients)")
+            if (dp := progress(self.privacy, train)) is not None:
+                parts.append(dp)
         if ev is not None:
             parts.append(
                 f"test acc {ev['test-acc-mean']:.4f} ± {ev['test-acc-std']:.4f} "

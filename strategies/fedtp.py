@@ -80,6 +80,10 @@ class FedTPStrategy(PersonalizedStrategy):
     """FedAvg of the shared part + a hypernetwork that generates each client's ``generated`` tensors."""
 
     exportable = False  # every client gets its own W_i, which the checkpoint does not hold
+    dp_refusal = (
+        "the server generates each client's own Q/K/V with a hypernetwork that learns from every "
+        "client's individual returned tensors; no single noised aggregate reaches the clients"
+    )
 
     @dataclass
     class Options:

@@ -27,7 +27,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 
-from fedvit.registry import option_error, register_strategy
+from fedvit.registry import method_options, option_error, register_strategy
 from fedvit.robust import AGGREGATORS, ATTACKS, robust_aggregate
 from strategies.base import ClientUpdate, PersonalizedStrategy, RoundPlan, to_numpy, to_record
 
@@ -35,6 +35,22 @@ from strategies.base import ClientUpdate, PersonalizedStrategy, RoundPlan, to_nu
 @register_strategy("ffgg")
 class FFGGStrategy(PersonalizedStrategy):
     """Gradient steps on the shared part with a pluggable (robust) aggregator."""
+
+    dp_replies_are_updates = True  # a reply is the gradient (or local change) itself
+
+    @classmethod
+    def check_privacy(cls, cfg: Any) -> None:
+        """``dp`` replaces the aggregator by the mean of clipped updates: only ``aggregator: mean``."""
+        super().check_privacy(cfg)
+        aggregator = method_options(cfg)[1].aggregator
+        if aggregator != "mean":
+            from fedvit.config import ConfigError
+
+            raise ConfigError(
+                f"method '{cfg.method.name}': dp.enabled needs method.options.aggregator 'mean', got "
+                f"'{aggregator}' (its sensitivity to one client is not clip/m; the noise is calibrated "
+                "for the mean)"
+            )
 
     @dataclass
     class Options:

@@ -51,6 +51,11 @@ MODES = ("immediate", "buffer")
 class AsyncFFGGStrategy(FFGGStrategy):
     """FFGG with asynchronous, staleness-weighted (or buffered) application of updates."""
 
+    dp_refusal = (
+        "there are no rounds: every update is applied on its own as it arrives, while the privacy "
+        "accounting counts rounds of sampled clients"
+    )
+
     @dataclass
     class Options(FFGGStrategy.Options):
         concurrency: int = 4  # C: clients busy at once

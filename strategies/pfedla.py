@@ -64,6 +64,10 @@ class PFedLAStrategy(PersonalizedStrategy):
     """Per-client messages θ̄_i = Σ_j α_ij θ_j (layer-wise); per-client hypernetworks learn α_i."""
 
     exportable = False  # every client gets its own θ̄_i, which the checkpoint does not hold
+    dp_refusal = (
+        "each client receives its own aggregate θ̄_i = Σ_j α_ij θ_j of the stored client models, "
+        "which hold every client's update as it was sent; no single noised aggregate exists"
+    )
 
     @dataclass
     class Options:

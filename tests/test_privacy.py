@@ -418,3 +418,110 @@ def test_secaggplus_workflow_needs_a_legacy_context_and_strategy() -> None:
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([np.zeros(3, np.float32)])
     with pytest.raises(AttributeError, match="'FedAvg' object has no attribute 'configure_fit'"):
         workflow(grid, context)
+
+
+# --------------------------------------------------------------------------- the strategies
+# Which methods take dp.enabled (the strategy's check_privacy / dp_refusal), and DP in a real round.
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "reason"),
+    [
+        ("fedtp", "", "generates each client's own Q/K/V"),
+        ("fedtp-per", "", "generates each client's own Q/K/V"),
+        ("pfedla", "", r"its own aggregate θ̄_i"),
+        ("heurpfedla", "", r"its own aggregate θ̄_i"),
+        ("anytime", "model.anytime.enabled=true", "averaged over the clients whose tier holds it"),
+        ("ffgg-async", "", "no rounds"),
+        ("ffgg", "method.options.aggregator=median", "needs method.options.aggregator 'mean'"),
+    ],
+)
+def test_methods_without_one_aggregate_refuse_dp_and_say_why(method: str, extra: str, reason: str) -> None:
+    run_config = {
+        "method": method,
+        "num-clients": 10,
+        "overrides": f"dp.enabled=true dp.noise_multiplier=1.0 {extra}",
+    }
+    with pytest.raises(ConfigError, match=rf"method '{method}': dp.enabled .*{reason}"):
+        load_config(run_config)
+
+
+ACCEPTING = ["fedavg", "fedper", "fedbn", "fedrep", "apfl", "fedperfix", "fedsim", "fedalt", "ffgg"]
+ACCEPTING += ["local-ffgg", "perfedavg", "vanilla-prefix", "fedtp-vanilla", "local"]
+
+
+@pytest.mark.parametrize("method", ACCEPTING)
+def test_methods_that_aggregate_shared_updates_accept_dp(method: str) -> None:
+    overrides = "dp.enabled=true dp.noise_multiplier=1.0"
+    cfg = load_config({"method": method, "num-clients": 10, "overrides": overrides})
+    assert cfg.dp.enabled
+
+
+def test_a_strategy_that_replaces_the_round_is_refused() -> None:
+    from strategies.base import PersonalizedStrategy
+
+    class OwnRound(PersonalizedStrategy):
+        def aggregate_train(self, plan, replies):  # the release would never be made
+            raise NotImplementedError
+
+    cfg = load_config({"method": "fedavg", "num-clients": 10})
+    with pytest.raises(ConfigError, match="OwnRound overrides aggregate_train"):
+        OwnRound.check_privacy(cfg)
+
+
+TINY = "model.depth=2 model.embed_dim=32 model.num_heads=2 train.batch_size=64"
+ALMOST_NO_NOISE = "dp.clip=0.001 dp.noise_multiplier=1e-9 dp.delta=1e-3"
+
+
+def dp_run(tmp_path, method: str, rounds: int, dp: str, caplog=None):
+    import logging
+
+    import fedhelpers
+
+    rc = fedhelpers.run_config(tmp_path, method, TINY, rounds, f"dp.enabled=true {dp}")
+    if caplog is not None:
+        caplog.set_level(logging.INFO)
+    return rc, *fedhelpers.federate(rc)
+
+
+def initial_shared(rc: dict) -> dict[str, np.ndarray]:
+    from fedvit.models import build_model
+    from fedvit.params import ParameterSplit, get_arrays
+
+    cfg = load_config(rc)
+    model = build_model(cfg)
+    return get_arrays(model, ParameterSplit.from_model(model, cfg.method.private).shared)
+
+
+@pytest.mark.slow
+def test_fedper_with_dp_moves_the_shared_part_by_at_most_the_clip_and_reports_epsilon(
+    tmp_path, caplog
+) -> None:
+    """3 clients, all every round, C = 1e-3, (almost) no noise: every round moves the shared part by at
+    most C (the mean of 3 clipped updates), however far local training went; ε per round."""
+    rc, _, results, run_dir = dp_run(tmp_path, "fedper", 2, ALMOST_NO_NOISE, caplog)
+    start = initial_shared(rc)
+    with np.load(run_dir / "checkpoint" / "arrays.npz") as z:
+        after = {k: z[k] for k in z.files}
+    assert set(after) == set(start)
+    assert norm({k: after[k].astype(np.float64) - start[k] for k in start}) <= 2 * 0.001 * (1 + 1e-3)
+    privacy_info = results["privacy"]
+    assert privacy_info["num_sampled"] == 3 and privacy_info["sampling_rate"] == 1.0
+    eps = [r["train"]["privacy"]["epsilon"] for r in results["rounds"]]
+    assert eps == [pytest.approx(privacy.epsilon(r, 1.0, 1e-9, 1e-3)) for r in (1, 2)]
+    assert all(r["train"]["privacy"]["clipped"] == 3 for r in results["rounds"])  # every update was larger
+    lines = [m for m in caplog.messages if m.startswith("[fedvit] round ")]
+    assert len(lines) == 2 and all("ε " in line and "(δ 0.001)" in line for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedsim", "ffgg"])
+def test_server_optimizer_and_ffgg_step_along_the_private_release(tmp_path, method: str) -> None:
+    """FedSim's optimizer and FFGG's x − γ·g take the clipped mean: with C = 1e-3 and server lr 1 one
+    round moves the shared part by at most C."""
+    rc, _, results, run_dir = dp_run(tmp_path, method, 1, ALMOST_NO_NOISE)
+    start = initial_shared(rc)
+    with np.load(run_dir / "checkpoint" / "arrays.npz") as z:
+        change = {k: z[k].astype(np.float64) - start[k] for k in start}
+    assert 0 < norm(change) <= 0.001 * (1 + 1e-3)
+    assert results["rounds"][0]["train"]["privacy"]["clients"] == 3
