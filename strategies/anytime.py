@@ -25,16 +25,9 @@ from fedvit.evaluation import flops_per_sample
 from fedvit.models.anytime import AnytimeViT, client_tier, keys_up_to
 from fedvit.params import UpdateError, count, parameter_groups
 from fedvit.registry import option_error, register_strategy
-from strategies.base import (
-    ClientUpdate,
-    Payload,
-    PersonalizedStrategy,
-    RoundPlan,
-    Sent,
-    to_numpy,
-    to_record,
-    weighted_mean,
-)
+from fedvit.wire import to_numpy, to_record
+from strategies.base import PersonalizedStrategy
+from strategies.rounds import ClientUpdate, Payload, RoundPlan, Sent, weighted_mean
 
 
 @register_strategy("anytime")

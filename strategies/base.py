@@ -444,18 +444,29 @@ class PersonalizedStrategy(Federation):
         evaluate_config: ConfigRecord | None = None,
         start_round: int = 1,
     ) -> Result:
-        """Run rounds ``start_round..num_rounds`` (``start_round > 1`` when resuming): per round,
-        discover new nodes, configure -> exchange -> aggregate training, then :meth:`finish_round`."""
+        """Run rounds ``start_round..num_rounds`` (``start_round > 1`` when resuming): log the
+        summary, discover the clients, then :meth:`run_rounds`."""
         self.num_rounds = num_rounds
-        train_config = train_config or ConfigRecord()
-        evaluate_config = evaluate_config or ConfigRecord()
-        result = Result()
-        arrays = initial_arrays
         self.summary()
         if self.recorder is not None:
             self.recorder.data["run_key"] = self.run_key
         self.discover(grid, timeout)
-        for rnd in range(start_round, num_rounds + 1):
+        train_config, evaluate_config = train_config or ConfigRecord(), evaluate_config or ConfigRecord()
+        return self.run_rounds(grid, initial_arrays, start_round, timeout, train_config, evaluate_config)
+
+    def run_rounds(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        start_round: int,
+        timeout: float,
+        train_config: ConfigRecord,
+        evaluate_config: ConfigRecord,
+    ) -> Result:
+        """The rounds, synchronously: per round, discover new nodes, configure -> exchange ->
+        aggregate training, then :meth:`finish_round`."""
+        result = Result()
+        for rnd in range(start_round, self.num_rounds + 1):
             t0 = time.time()
             self.discover(grid, timeout)  # nodes that joined since
             messages, plan = self.configure_train(rnd, arrays, train_config, grid)

@@ -44,16 +44,9 @@ from flwr.common.logger import log
 from fedvit.hypernet import HEAD_KINDS, HypernetConfig, HypernetSGD, WeightHypernet, hypernet_step
 from fedvit.params import check_arrays, count, get_arrays, parameter_groups
 from fedvit.registry import method_options, option_error, register_strategy
-from strategies.base import (
-    ClientUpdate,
-    Payload,
-    PersonalizedStrategy,
-    RoundPlan,
-    Sent,
-    to_numpy,
-    to_record,
-    weighted_mean,
-)
+from fedvit.wire import to_numpy, to_record
+from strategies.base import PersonalizedStrategy
+from strategies.rounds import ClientUpdate, Payload, RoundPlan, Sent, weighted_mean
 
 UNSEEN_EMBEDDINGS = ("mean", "own")
 

@@ -29,7 +29,9 @@ from flwr.common.logger import log
 
 from fedvit.registry import method_options, option_error, register_strategy
 from fedvit.robust import AGGREGATORS, ATTACKS, robust_aggregate
-from strategies.base import ClientUpdate, PersonalizedStrategy, RoundPlan, to_numpy, to_record
+from fedvit.wire import to_numpy, to_record
+from strategies.base import PersonalizedStrategy
+from strategies.rounds import ClientUpdate, RoundPlan
 
 
 @register_strategy("ffgg")

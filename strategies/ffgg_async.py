@@ -41,8 +41,9 @@ from flwr.serverapp.strategy import Result
 
 from fedvit.params import UpdateError
 from fedvit.registry import option_error, register_strategy
-from strategies.base import ClientUpdate, RoundFailedError, RoundPlan, to_numpy, to_record
+from fedvit.wire import to_numpy, to_record
 from strategies.ffgg import FFGGStrategy
+from strategies.rounds import ClientUpdate, RoundFailedError, RoundPlan
 
 MODES = ("immediate", "buffer")
 
@@ -164,29 +165,23 @@ class AsyncFFGGStrategy(FFGGStrategy):
 
     # ------------------------------------------------------------------ the loop
 
-    def start(
+    def run_rounds(
         self,
         grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        start_round: int = 1,
+        arrays: ArrayRecord,
+        start_round: int,
+        timeout: float,
+        train_config: ConfigRecord,
+        evaluate_config: ConfigRecord,
     ) -> Result:
         """Hand out work and apply replies as they come until ``num_rounds`` rounds of
         ``updates_per_round`` updates each are applied."""
-        self.num_rounds = num_rounds
-        train_config = train_config or ConfigRecord()
-        evaluate_config = evaluate_config or ConfigRecord()
+        num_rounds = self.num_rounds
         per_round = self.options.updates_per_round or self.num_clients
         result = Result()
-        x = to_numpy(initial_arrays)
-        self.summary()
+        x = to_numpy(arrays)
         if self.recorder is not None:
-            self.recorder.data["run_key"] = self.run_key
             self.log = self.recorder.data.setdefault("async_updates", [])  # kept across a resume
-        self.discover(grid, timeout)
         rng = random.Random(self.seed * 1_000_033 + start_round)
         in_flight: dict[int, tuple[str, int, RoundPlan]] = {}  # address -> (message id, version, plan)
         idle = [n for n in self._live_nodes(grid)]

@@ -54,7 +54,9 @@ from fedvit.alpha_plot import ALPHA_FILE, AlphaMatrix, plot_alpha, save_alpha
 from fedvit.layeragg import GRANULARITIES, LayerAggregation, aggregation_layers
 from fedvit.params import get_arrays
 from fedvit.registry import method_options, option_error, register_strategy
-from strategies.base import ClientUpdate, Payload, PersonalizedStrategy, RoundPlan, to_record
+from fedvit.wire import to_record
+from strategies.base import PersonalizedStrategy
+from strategies.rounds import ClientUpdate, Payload, RoundPlan
 
 STORE_DIR = "model-store"
 

@@ -31,7 +31,9 @@ from flwr.app import ArrayRecord
 
 from fedvit.params import UpdateError
 from fedvit.registry import option_error, register_strategy
-from strategies.base import ClientUpdate, PersonalizedStrategy, RoundPlan, Sent, to_numpy, to_record
+from fedvit.wire import to_numpy, to_record
+from strategies.base import PersonalizedStrategy
+from strategies.rounds import ClientUpdate, RoundPlan, Sent
 
 
 class ServerOptimizer(enum.StrEnum):
