@@ -208,7 +208,8 @@ def _execute(src: _Source, targets: list[ast.stmt], wanted: set[str], qualname: 
     top-level statements they need, in ``src``'s light namespace; returns the namespace."""
     module = _module(src)
     needed: dict[int, ast.stmt] = {}
-    bound: dict[str, Any] = {}
+    bound: dict[str, Any] = {}  # names given without running their statement
+    stand_ins: set[str] = set()
     pending, seen = list(targets), set()
     while pending:
         node = pending.pop()
@@ -217,14 +218,23 @@ def _execute(src: _Source, targets: list[ast.stmt], wanted: set[str], qualname: 
         seen.add(id(node))
         for name in sorted(_names_used(node)):
             index = src.defs.get(name)
-            if index is None or index in src.done or index in needed or name in bound:
+            if index is None or index in src.done or index in needed:
                 continue
             stmt = src.tree.body[index]
             if any(stmt is t for t in targets):
                 continue
-            stand_in = _stand_in(src, stmt, name, _attribute_uses(node, name))
+            attrs = _attribute_uses(node, name)
+            if name in stand_ins:  # so far read as `name.<nested class>` only
+                if attrs is not None and attrs <= set(vars(bound[name])):
+                    continue
+                del bound[name]  # used otherwise here: resolved in full below
+                stand_ins.discard(name)
+            elif name in bound:
+                continue
+            stand_in = _stand_in(src, stmt, name, attrs)
             if stand_in is not None:  # only `Other.Options` is read: not the whole class
                 bound[name] = stand_in
+                stand_ins.add(name)
             elif isinstance(stmt, ast.ImportFrom) and _is_project(_absolute(src, stmt)):
                 alias = next(a for a in stmt.names if (a.asname or a.name) == name)
                 bound[name] = _load_name(_absolute(src, stmt), alias.name)
