@@ -140,10 +140,10 @@ def _load_class_node(src: _Source, cls: ast.ClassDef, nested: tuple[str, ...]) -
     if key in src.classes:
         return src.classes[key]
     node, qualname = cls, cls.name
-    for part in nested:
+    for i, part in enumerate(nested):
         inner = next((s for s in node.body if isinstance(s, ast.ClassDef) and s.name == part), None)
         if inner is None:
-            return _inherited(src, node, part, nested[nested.index(part) + 1 :])
+            return _inherited(src, node, part, nested[i + 1 :])
         node, qualname = inner, f"{qualname}.{part}"
     src.classes[key] = _execute(src, [node], {node.name}, qualname=qualname)[node.name]
     return src.classes[key]
@@ -157,8 +157,10 @@ def _inherited(src: _Source, cls: ast.ClassDef, attr: str, rest: tuple[str, ...]
             continue
         module, name = owner
         real = sys.modules.get(module)
-        if real is not None:
-            found = getattr(getattr(real, name), attr, None)
+        if real is not None:  # the real base class: its attributes follow its whole MRO
+            found = getattr(real, name)
+            for part in (*path, attr, *rest):
+                found = getattr(found, part, None)
             if found is not None:
                 return found
             continue
