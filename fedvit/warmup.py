@@ -28,10 +28,24 @@ def ray_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     return env
 
 
+#: What every client worker's first message needs: the ClientApp (torch, timm, flwr, fedvit) and
+#: the data modules it reads a client's datasets with (``fedvit.data`` imports its submodules on
+#: first use). A method's own client module is not among them: the first message imports the one
+#: its run names (:func:`fedvit.registry.get_client`), so a worker holds no other method's code.
+WARM_MODULES = ("fedvit.client_app", "fedvit.data.datasets", "fedvit.data.partition", "fedvit.data.sources")
+
+
 def warm_up() -> None:
-    """Import the ClientApp now. A failure is only logged: the first message then meets it again
-    and reports it the way Flower reports a ClientApp error."""
+    """Import :data:`WARM_MODULES` and read the registry's index of client names now. A failure
+    is only logged: the first message then meets it again and reports it the way Flower reports
+    a ClientApp error."""
+    import importlib
+
     try:
-        import fedvit.client_app  # noqa: F401
+        for name in WARM_MODULES:
+            importlib.import_module(name)
+        from fedvit.registry import declared
+
+        declared("client")
     except Exception as err:  # reported again by the first message
-        logging.getLogger("fedvit").warning("warm-up import of fedvit.client_app failed: %s", err)
+        logging.getLogger("fedvit").warning("warm-up import of the ClientApp failed: %s", err)
