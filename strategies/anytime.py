@@ -71,7 +71,7 @@ class AnytimeStrategy(PersonalizedStrategy):
         self.options = options or self.Options()
 
     @classmethod
-    def from_config(cls, cfg, *, model, split, recorder, run_dir, run_name, **kwargs: Any):
+    def from_config(cls, cfg, *, model, split, **kwargs: Any):
         if not isinstance(model, AnytimeViT):
             raise ValueError("strategy 'anytime' needs model.anytime.enabled=true")
         from fedvit.models import example_input
@@ -95,19 +95,8 @@ class AnytimeStrategy(PersonalizedStrategy):
                 exit_flops[depth] = flops_per_sample(model, example_input(cfg))
         finally:
             model.max_depth = saved
-        return super().from_config(
-            cfg,
-            model=model,
-            split=split,
-            recorder=recorder,
-            run_dir=run_dir,
-            run_name=run_name,
-            tiers=tiers,
-            full_depth=full,
-            exit_flops=exit_flops,
-            resources=resources,
-            **kwargs,
-        )
+        extra = {"tiers": tiers, "full_depth": full, "exit_flops": exit_flops, "resources": resources}
+        return super().from_config(cfg, model=model, split=split, **extra, **kwargs)
 
     def tier(self, client_id: int) -> int:
         """The tier the client reported when it identified itself (its node config's

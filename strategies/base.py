@@ -52,6 +52,7 @@ from fedvit.results import RunRecorder
 from fedvit.wire import to_numpy, to_record
 from strategies.checkpoint import read_checkpoint, write_checkpoint
 from strategies.federation import Federation, virtual_address
+from strategies.reporting import eval_record, progress_line
 from strategies.rounds import (
     ARRAYS,
     CONFIG,
@@ -61,6 +62,7 @@ from strategies.rounds import (
     Replies,
     RoundFailedError,
     RoundPlan,
+    Run,
     Sent,
     array_shapes,
     weighted_mean,
@@ -389,18 +391,7 @@ class PersonalizedStrategy(Federation):
             clients_asked=len(plan.sent),
             clients_total=plan.live,
         )
-        t = ev["test_acc"]
-        return MetricRecord(
-            {
-                "test-acc-mean": t.get("mean", float("nan")),
-                "test-acc-weighted": t.get("weighted_mean", float("nan")),
-                "test-acc-std": t.get("std", float("nan")),
-                "val-acc-mean": ev["val_acc"].get("mean", float("nan")),
-                "num-clients": len(per_client),
-                "num-clients-total": int(ev["clients_total"]),
-                "sampled": int(plan.sampled),
-            }
-        )
+        return eval_record(ev, len(per_client), plan.sampled)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -451,29 +442,21 @@ class PersonalizedStrategy(Federation):
         if self.recorder is not None:
             self.recorder.data["run_key"] = self.run_key
         self.discover(grid, timeout)
-        train_config, evaluate_config = train_config or ConfigRecord(), evaluate_config or ConfigRecord()
-        return self.run_rounds(grid, initial_arrays, start_round, timeout, train_config, evaluate_config)
+        run = Run(grid, timeout, train_config or ConfigRecord(), evaluate_config or ConfigRecord())
+        return self.run_rounds(run, initial_arrays, start_round)
 
-    def run_rounds(
-        self,
-        grid: Grid,
-        arrays: ArrayRecord,
-        start_round: int,
-        timeout: float,
-        train_config: ConfigRecord,
-        evaluate_config: ConfigRecord,
-    ) -> Result:
+    def run_rounds(self, run: Run, arrays: ArrayRecord, start_round: int) -> Result:
         """The rounds, synchronously: per round, discover new nodes, configure -> exchange ->
         aggregate training, then :meth:`finish_round`."""
-        result = Result()
+        grid, timeout, result = run.grid, run.timeout, Result()
         for rnd in range(start_round, self.num_rounds + 1):
             t0 = time.time()
             self.discover(grid, timeout)  # nodes that joined since
-            messages, plan = self.configure_train(rnd, arrays, train_config, grid)
+            messages, plan = self.configure_train(rnd, arrays, run.train_config, grid)
             arrays, train_metrics = self.aggregate_train(plan, self.exchange(grid, messages, timeout))
             result.arrays = arrays
             result.train_metrics_clientapp[rnd] = train_metrics
-            eval_metrics = self.finish_round(rnd, arrays, evaluate_config, grid, timeout, result)
+            eval_metrics = self.finish_round(rnd, arrays, run.evaluate_config, grid, timeout, result)
             self._progress(rnd, train_metrics, eval_metrics, time.time() - t0)
         result.arrays = arrays
         return result
@@ -502,16 +485,5 @@ class PersonalizedStrategy(Federation):
     def _progress(
         self, rnd: int, train: MetricRecord | None, ev: MetricRecord | None, seconds: float
     ) -> None:
-        parts = [f"round {rnd}/{self.num_rounds}", f"{seconds:.1f}s"]
-        if train is not None:
-            parts.append(f"train loss {train['train-loss']:.4f} ({int(train['num-clients'])} clients)")
-            if (dp := progress(self.privacy, train)) is not None:
-                parts.append(dp)
-        if ev is not None:
-            parts.append(
-                f"test acc {ev['test-acc-mean']:.4f} ± {ev['test-acc-std']:.4f} "
-                f"(weighted {ev['test-acc-weighted']:.4f}), val acc {ev['val-acc-mean']:.4f}"
-            )
-            if "sampled" in ev and int(ev["sampled"]):
-                parts[-1] += f" (sampled {int(ev['num-clients'])}/{int(ev['num-clients-total'])})"
-        log(INFO, "[fedvit] %s", " | ".join(parts))
+        line = progress_line(rnd, self.num_rounds, seconds, train, ev, progress(self.privacy, train))
+        log(INFO, "[fedvit] %s", line)

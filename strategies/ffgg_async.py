@@ -43,7 +43,7 @@ from fedvit.params import UpdateError
 from fedvit.registry import option_error, register_strategy
 from fedvit.wire import to_numpy, to_record
 from strategies.ffgg import FFGGStrategy
-from strategies.rounds import ClientUpdate, RoundFailedError, RoundPlan
+from strategies.rounds import ClientUpdate, RoundFailedError, RoundPlan, Run
 
 MODES = ("immediate", "buffer")
 
@@ -165,17 +165,10 @@ class AsyncFFGGStrategy(FFGGStrategy):
 
     # ------------------------------------------------------------------ the loop
 
-    def run_rounds(
-        self,
-        grid: Grid,
-        arrays: ArrayRecord,
-        start_round: int,
-        timeout: float,
-        train_config: ConfigRecord,
-        evaluate_config: ConfigRecord,
-    ) -> Result:
+    def run_rounds(self, run: Run, arrays: ArrayRecord, start_round: int) -> Result:
         """Hand out work and apply replies as they come until ``num_rounds`` rounds of
         ``updates_per_round`` updates each are applied."""
+        grid, timeout = run.grid, run.timeout
         num_rounds = self.num_rounds
         per_round = self.options.updates_per_round or self.num_clients
         result = Result()
@@ -196,7 +189,7 @@ class AsyncFFGGStrategy(FFGGStrategy):
                 node = idle.pop(0)
                 # a plan of one message: it is applied on its own whenever its reply comes
                 messages, plan = self.plan_messages(
-                    MessageType.TRAIN, rnd, [node], to_record(x), train_config, 1
+                    MessageType.TRAIN, rnd, [node], to_record(x), run.train_config, 1
                 )
                 ((mid, _),) = self.push(grid, messages).items()
                 in_flight[node] = (mid, self.version, plan)
@@ -237,7 +230,7 @@ class AsyncFFGGStrategy(FFGGStrategy):
                 if self.applied % per_round == 0:
                     if self.recorder is not None:
                         self.recorder.record_train(rnd, round_updates, rejected, failures)
-                    x_record = self._finish(rnd, x, evaluate_config, grid, timeout, result, round_losses, t0)
+                    x_record = self._finish(rnd, x, run, result, round_losses, t0)
                     result.arrays = x_record
                     rnd, t0, round_updates, round_losses = rnd + 1, time.time(), {}, []
                     rejected, failures = {}, []
@@ -250,15 +243,7 @@ class AsyncFFGGStrategy(FFGGStrategy):
         return result
 
     def _finish(
-        self,
-        rnd: int,
-        x: dict[str, np.ndarray],
-        evaluate_config: ConfigRecord,
-        grid: Grid,
-        timeout: float,
-        result: Result,
-        losses: list[float],
-        t0: float,
+        self, rnd: int, x: dict[str, np.ndarray], run: Run, result: Result, losses: list[float], t0: float
     ) -> ArrayRecord:
         """Close a round of ``updates_per_round`` updates: metrics, evaluation, checkpoint."""
         arrays = to_record(x)
@@ -275,7 +260,7 @@ class AsyncFFGGStrategy(FFGGStrategy):
             max(stale, default=0),
             self.version,
         )
-        eval_metrics = self.finish_round(rnd, arrays, evaluate_config, grid, timeout, result)
+        eval_metrics = self.finish_round(rnd, arrays, run.evaluate_config, run.grid, run.timeout, result)
         self._progress(rnd, train, eval_metrics, time.time() - t0)
         return arrays
 

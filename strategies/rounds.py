@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 #: Keys of a message's content (Flower's ``RecordDict``).
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
@@ -30,6 +30,17 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 
 class RoundFailedError(RuntimeError):
     """No client could take part: the federation cannot make progress (the reasons are in the message)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every round of a run is given: the grid, the timeout of an exchange and the configs
+    the messages start from (``PersonalizedStrategy.run_rounds``)."""
+
+    grid: Any  #: Flower's ``Grid`` (or ``fedvit.inprocess.InProcessGrid``)
+    timeout: float
+    train_config: ConfigRecord
+    evaluate_config: ConfigRecord
 
 
 @dataclass(frozen=True)
