@@ -245,6 +245,21 @@ def test_a_sweep_directory_stands_for_its_completed_runs(tmp_path: Path) -> None
     assert "2 of 4 runs not completed, left out" in text
 
 
+def test_a_sweep_of_one_method_in_several_configurations_is_grouped_by_its_run_labels(tmp_path: Path) -> None:
+    fake_run(tmp_path / "full", "fedavg", 0, [0.5, 0.6])
+    fake_run(tmp_path / "probe", "fedavg", 0, [0.3, 0.4])
+    runs = [
+        {"name": "full/fedavg-s0", "label": "fedavg-finetune"},
+        {"name": "probe/fedavg-s0", "label": "last-head"},
+    ]
+    (tmp_path / "sweep.json").write_text(json.dumps({"runs": runs}))
+    rows, _ = report_methods([tmp_path], curves=tmp_path / "curves.png")
+    assert [(r["method"], r["last_mean"]) for r in rows] == [("fedavg-finetune", 0.6), ("last-head", 0.4)]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    with pytest.raises(ReportError, match="two runs of fedavg"):  # the same runs without their sweep
+        report_methods([tmp_path / "full" / "fedavg-s0", tmp_path / "probe" / "fedavg-s0"])
+
+
 # --------------------------------------------------------------------------- the command
 
 

@@ -46,6 +46,7 @@ from fedvit.report.runs import (
     over_seeds,
     pm,
     seeds_markdown,
+    sweep_labels,
     to_csv,
     to_markdown,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "pm",
     "report_methods",
     "seeds_markdown",
+    "sweep_labels",
     "to_csv",
     "to_markdown",
     "write_curves",
@@ -102,7 +104,7 @@ def report_methods(
         raise ReportError("--paper-dataset needs --paper")
     table = load_paper(paper) if paper is not None else None  # a bad name fails before any run is read
     dirs, notes = expand_run_dirs(paths)
-    groups = finished_runs(dirs)
+    groups = finished_runs(dirs, sweep_labels(paths))
     if table is not None:
         rows, info = paper_rows(groups, table, paper_dataset)
         text = paper_markdown(rows, info)

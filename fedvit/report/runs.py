@@ -207,28 +207,56 @@ def _status(run_dir: Path) -> str | None:
         return None
 
 
-def finished_runs(run_dirs: Sequence[Path]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """``results.json`` of completed runs grouped by (method, dataset), one run per seed; a run
-    directory without results, not completed, or a second run of a method with the same seed
-    (two configurations of one method) is a :class:`ReportError`."""
+def sweep_labels(paths: Sequence[Path]) -> dict[Path, str]:
+    """Each run directory of the sweep directories among ``paths`` and its run's label in the
+    sweep (``sweep.json``: the combination's name without the seed, e.g. ``fedavg-last-head``)."""
+    labels: dict[Path, str] = {}
+    for path in paths:
+        manifest = Path(path) / "sweep.json"
+        if manifest.is_file():
+            for entry in json.loads(manifest.read_text()).get("runs", []):
+                labels[Path(path) / str(entry["name"])] = str(entry.get("label") or entry["name"])
+    return labels
+
+
+def finished_runs(
+    run_dirs: Sequence[Path], labels: Mapping[Path, str] | None = None
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """``results.json`` of completed runs grouped by (method, dataset), one run per seed. A sweep
+    that runs one method in several configurations (two runs of a method with the same seed) is
+    grouped by the runs' ``labels`` instead (:func:`sweep_labels`), when every run has one. A run
+    directory without results, not completed, or two runs of a method with one seed and no labels
+    to tell them apart is a :class:`ReportError`."""
     if not run_dirs:
         raise ReportError("no run directories to report")
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    seen: dict[tuple[str, str, Any], Path] = {}
+    runs = []
     for d in run_dirs:
         r = load_run(d)
         if r.get("status") != "completed":
             raise ReportError(f"{d}: the run has not completed (status {r.get('status')!r})")
         if not (r.get("summary") or {}).get("last_round"):
             raise ReportError(f"{d}: no round evaluated on every client")
-        key = (str(r.get("method")), str(r.get("dataset")))
+        runs.append((Path(d), r))
+    try:
+        return _group(runs, lambda d, r: str(r.get("method")))
+    except ReportError:
+        if not labels or any(d not in labels for d, _ in runs):
+            raise
+        return _group(runs, lambda d, r: labels[d])
+
+
+def _group(runs, name) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    seen: dict[tuple[str, str, Any], Path] = {}
+    for d, r in runs:
+        key = (name(d, r), str(r.get("dataset")))
         seed = (r.get("config") or {}).get("seed")
         if (*key, seed) in seen:
             raise ReportError(
                 f"{d} and {seen[(*key, seed)]}: two runs of {key[0]} on {key[1]} with seed {seed}; "
                 "pass one configuration per method"
             )
-        seen[(*key, seed)] = Path(d)
+        seen[(*key, seed)] = d
         groups.setdefault(key, []).append(r)
     return groups
 
