@@ -21,30 +21,23 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fedvit.evaluation import eval_mode, summarize
+from fedvit.io import write_text
 
 SCHEMA = "fedvit.results/1"
 EVAL_METRICS = ("test-acc", "test-loss", "val-acc", "val-loss")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``text`` to ``path`` atomically (:func:`fedvit.io.write_text`), readable by its owner alone
+    and without ``fsync``: how a run's files (``results.json``, the CSVs, ``config.yaml``, the
+    checkpoint's ``state.json``) have always been written. The ServerApp and strategies/ call it."""
+    write_text(path, text, mode=0o600, durable=False)
 
 
 def default_run_name(method: str, dataset: str) -> str:
