@@ -22,8 +22,6 @@
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -37,7 +35,7 @@ from fedvit.config import ConfigError, FedvitConfig
 from fedvit.models.anytime import AnytimeViT, client_tier, keys_up_to
 from fedvit.params import ParameterSplit, get_arrays, parameter_groups, set_arrays
 from fedvit.registry import method_options, option_error, register_client
-from fedvit.training import TrainingError, TrainResult, count_steps, cycle, make_loader, make_optimizer
+from fedvit.training import TrainResult, count_steps, make_loader, train_local
 
 FINETUNE_PARTS = ("adapters", "head", "all")
 NODE_TIER_KEY = "max-depth"
@@ -188,28 +186,24 @@ class AnytimeClient(PartialClient):
             loss = loss + o.distill_weight * t * t * kl
         return loss  # type: ignore[return-value]
 
+    def exit_forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """:data:`fedvit.training.Forward` of the exits: :meth:`exit_loss` and the deepest exit's logits."""
+        logits = model.forward_exits(x)
+        return self.exit_loss(logits, y), logits[-1]
+
     def train_exits(self, loader, keys: list[str], steps: int) -> TrainResult:
-        """``steps`` optimizer steps on ``keys`` with :meth:`exit_loss`; accuracy of the deepest exit."""
-        tc, model = self.cfg.train, self.model
-        model.to(self.device).train()
-        total, correct, seen = 0.0, 0, 0
-        with trainable_only(model, keys) as params:
-            optimizer = make_optimizer(params, tc)
-            for step, (x, y) in enumerate(itertools.islice(cycle(loader), steps)):
-                x, y = x.to(self.device), y.to(self.device)
-                optimizer.zero_grad(set_to_none=True)
-                logits = model.forward_exits(x)
-                loss = self.exit_loss(logits, y)
-                if not math.isfinite(loss.item()):
-                    raise TrainingError(f"loss is {loss.item()} at local step {step}: lower train.lr")
-                loss.backward()
-                if tc.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                optimizer.step()
-                total += loss.item() * len(y)
-                correct += int((logits[-1].argmax(1) == y).sum().item())
-                seen += len(y)
-        return TrainResult(loss=total / seen, accuracy=correct / seen, num_examples=seen, num_steps=steps)
+        """``steps`` optimizer steps on ``keys`` with :meth:`exit_loss` (the standard loop: AMP on
+        CUDA, gradient clipping); accuracy of the deepest exit."""
+        with trainable_only(self.model, keys) as params:
+            return train_local(
+                self.model,
+                loader,
+                self.cfg.train,
+                self.device,
+                params=params,
+                steps=steps,
+                forward=self.exit_forward,
+            )
 
     def local_train(self, server_round: int) -> TrainResult:
         loader = self.train_loader(server_round)
