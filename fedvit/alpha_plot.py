@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedvit.io import write_npz
+
 ALPHA_FILE = "alpha.npz"
 ALPHA_PLOT = "alpha.png"
 ALPHA_KEYS = ("alpha", "alpha_used", "layers", "round", "trained", "heur_k")
@@ -55,19 +57,19 @@ class AlphaMatrix:
 
 
 def save_alpha(path: Path, m: AlphaMatrix) -> None:
-    """Write ``m`` atomically (a temporary file renamed over ``path``)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(
-        tmp,
-        alpha=np.asarray(m.alpha, dtype=np.float64),
-        alpha_used=np.asarray(m.alpha_used, dtype=np.float64),
-        layers=np.asarray(m.layers, dtype=str),
-        round=np.asarray(m.round, dtype=np.int64),
-        trained=np.asarray(m.trained, dtype=np.int64),
-        heur_k=np.asarray(m.heur_k, dtype=np.int64),
+    """Write ``m`` atomically (:func:`fedvit.io.write_npz`; no ``fsync``: rewritten every round)."""
+    write_npz(
+        path,
+        {
+            "alpha": np.asarray(m.alpha, dtype=np.float64),
+            "alpha_used": np.asarray(m.alpha_used, dtype=np.float64),
+            "layers": np.asarray(m.layers, dtype=str),
+            "round": np.asarray(m.round, dtype=np.int64),
+            "trained": np.asarray(m.trained, dtype=np.int64),
+            "heur_k": np.asarray(m.heur_k, dtype=np.int64),
+        },
+        durable=False,
     )
-    tmp.replace(path)
 
 
 def alpha_path(run_dir_or_file: Path) -> Path:

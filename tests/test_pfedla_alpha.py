@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import fedhelpers
@@ -56,7 +57,8 @@ def strategy(rc: dict, run_dir: Path) -> PFedLAStrategy:
 def test_the_saved_alpha_is_the_strategys_after_the_last_round_and_its_plot_is_written(
     tmp_path: Path,
 ) -> None:
-    rc = run_config(tmp_path, extra="method.options.hn_lr=0.5 output.plots=true")
+    # label histograms (off by default since issue 18) give the plot its label-overlap panel
+    rc = run_config(tmp_path, extra="method.options.hn_lr=0.5 output.plots=true output.label_histograms=true")
     _, results, run_dir = fedhelpers.federate(rc)
     assert results["status"] == "completed"
     saved = load_alpha(run_dir)
@@ -153,6 +155,22 @@ def test_fedvit_alpha_draws_the_grid_and_prints_each_layers_correlation(
     height, width = imread(out).shape[:2]  # overlap + 2 layers: 3 panels in one row
     assert (width, height) == (round(3.3 * 3 * 110), round(3.1 * 110))
     assert plot_alpha(run_dir) == run_dir / ALPHA_PLOT and (run_dir / ALPHA_PLOT).is_file()
+
+
+def test_saving_alpha_replaces_the_file_whole_with_default_permissions(tmp_path: Path) -> None:
+    """A reader of ``alpha.npz`` mid-run sees one round's matrix or the next, never half a file."""
+    path = tmp_path / ALPHA_FILE
+    first, _ = two_groups(0.9)
+    save_alpha(path, first)
+    inode = path.stat().st_ino
+    second, _ = two_groups(0.1)
+    save_alpha(path, second)
+    np.testing.assert_array_equal(load_alpha(path).alpha, second.alpha)
+    assert path.stat().st_ino != inode  # renamed over, not written into
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == [ALPHA_FILE]  # no temporary file left
 
 
 def test_a_run_without_alpha_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
