@@ -426,6 +426,7 @@ def test_cache_hit_returns_identical_indices_and_stores_indices_only(tmp_path, m
     with np.load(path, allow_pickle=False) as npz:
         assert {npz[k].dtype.kind for k in npz.files} <= {"i", "U"}
     assert not list(path.parent.glob("*.tmp"))
+    assert path.stat().st_mode & 0o777 == 0o600  # written through a private temporary file, as always
 
     clear_all_caches()
 

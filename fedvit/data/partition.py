@@ -44,8 +44,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +54,7 @@ import numpy as np
 from fedvit.config import DataConfig, FedvitConfig, fingerprint
 from fedvit.data.sources import load_source, source_identity
 from fedvit.data.store import ConcatStore, DataError, SourceData, Split
+from fedvit.io import write_npz
 
 log = logging.getLogger(__name__)
 
@@ -503,7 +502,7 @@ def _unpack(flat: np.ndarray, ptr: np.ndarray) -> list[np.ndarray]:
 
 
 def write_cache(path: Path, part: Partition, n_train: int, n_test: int, pooled: bool = False) -> None:
-    """Atomically write ``part`` as index arrays (tmp file + ``os.replace``)."""
+    """Atomically write ``part`` as index arrays (:func:`fedvit.io.write_npz`; owner-only, no ``fsync``)."""
     meta = {
         "version": CACHE_VERSION,
         "fingerprint": part.fingerprint,
@@ -516,16 +515,7 @@ def write_cache(path: Path, part: Partition, n_train: int, n_test: int, pooled: 
     arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
     for name in ("train", "val", "test"):
         arrays[f"{name}_idx"], arrays[f"{name}_ptr"] = _pack(getattr(part, name))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_npz(path, arrays, mode=0o600, durable=False)
 
 
 def read_cache(path: Path, fp: str, n_train: int, n_test: int) -> Partition | None:
