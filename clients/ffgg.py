@@ -35,7 +35,7 @@ from torch import nn
 from clients.base import PartialClient, trainable_only
 from fedvit.params import get_arrays, set_arrays
 from fedvit.registry import option_error, register_client
-from fedvit.robust import ATTACKS
+from fedvit.robust import ATTACKS, attack_seed
 from fedvit.training import TrainResult, cycle, train_local
 
 UNITS = ("steps", "epochs")
@@ -71,9 +71,9 @@ class Attack:
         """The training objective: flipped labels for ``label-flip``, else cross-entropy."""
         return FlippedLabels(num_classes) if self.name == "label-flip" else nn.CrossEntropyLoss()
 
-    def distort(self, update: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    def distort(self, update: dict[str, np.ndarray], seed: np.random.SeedSequence) -> dict[str, np.ndarray]:
         """What is sent instead of ``update``: ``−scale × update`` (sign-flip), Gaussian noise of
-        std ``scale`` (gaussian, drawn with ``seed``), else ``update``."""
+        std ``scale`` (gaussian, drawn with ``seed``: :func:`fedvit.robust.attack_seed`), else ``update``."""
         if self.name == "sign-flip":
             return {k: -self.scale * v for k, v in update.items()}
         if self.name == "gaussian":
@@ -151,7 +151,7 @@ class FFGGClient(PartialClient):
             num_examples=len(self.data.train),
             num_steps=sum(r.num_steps for r in results) + (0 if o.global_steps > 0 else steps),
         )
-        return result, attack.distort(update, self.cfg.seed * 7919 + self.client_id)
+        return result, attack.distort(update, attack_seed(self.cfg.seed, self.client_id, server_round))
 
     def shared_gradient(self, loader, loss_fn: nn.Module) -> tuple[dict[str, np.ndarray], int, float]:
         """∇_x of the mean training loss at (x, y_i) over ``grad_batches`` batches (or one

@@ -29,11 +29,6 @@ def test_the_attack_seed_differs_per_round_client_and_run_seed_and_repeats_for_t
         attack_seed(0, -1, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="clients/ffgg.py still seeds the gaussian attack with seed * 7919 + client (no round); it must "
-    "use fedvit.robust.attack_seed(cfg.seed, client_id, server_round) (file owned by the FFGG refactor)",
-)
 def test_a_gaussian_attacker_sends_different_noise_in_each_round(tmp_path: Path, train_replies) -> None:
     extra = (
         "method.options.attack=gaussian method.options.attack_fraction=0.34 method.options.attack_scale=2.0"
