@@ -10,8 +10,8 @@ The flat vector concatenates the store's keys in :attr:`ModelStore.keys` order (
 chooses it, e.g. grouped by aggregation layer, so that a layer is one contiguous slice).
 
 **Versions and crash consistency.** :attr:`ModelStore.versions` says which file holds each
-client's model now. :meth:`ModelStore.write` writes a *new* file atomically (temporary file,
-``fsync``, ``os.replace``) and never touches the file the previous version lives in, so the
+client's model now. :meth:`ModelStore.write` writes a *new* file atomically (:func:`fedvit.io.atomic_write`:
+temporary file, ``fsync``, ``os.replace``) and never touches the file the previous version lives in, so the
 store as of the last checkpoint stays intact on disk until :meth:`ModelStore.commit` (called
 after the checkpoint that records the new versions) deletes unreferenced files.
 :meth:`ModelStore.restore` (on resume) re-adopts the checkpoint's versions, checks that their
@@ -23,13 +23,13 @@ not the process) or :meth:`ModelStore.open` (a read-only ``np.memmap``, for rand
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from fedvit.io import atomic_write
 
 DTYPE = np.dtype(np.float32)
 _CLIENT_FILE = re.compile(r"^client-(\d+)\.v(\d+)\.npy$")
@@ -88,16 +88,8 @@ class ModelStore:
         return self.root / ("initial.npy" if version == 0 else f"client-{client}.v{version}.npy")
 
     def _write_file(self, path: Path, flat: np.ndarray) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.ascontiguousarray(flat, dtype=DTYPE))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """``flat`` as a ``.npy`` file, atomically and durably, readable by its owner alone."""
+        atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(flat, dtype=DTYPE)), mode=0o600)
 
     def read(self, client: int, versions: Sequence[int] | None = None) -> np.ndarray:
         """``client``'s model as a flat float32 vector (a fresh array), at ``versions[client]``
