@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvit.config import ConfigError, FedvitConfig, load_config
+from fedvit.io import write_text
 from fedvit.sweep import ENGINES, NamedRun, RunFn, SweepSpec, run_sweep
 from fedvit.sweep import run_config as sweep_run_config
 
@@ -267,8 +268,8 @@ def run_study(
             except ValueError:
                 continue
     rows = study_table(results)
-    (study_dir / "study.md").write_text(_document(rows, base_cfg, base))
-    (study_dir / "study.csv").write_text(to_csv(rows))
+    write_text(study_dir / "study.md", _document(rows, base_cfg, base))  # atomic: a reader never sees half
+    write_text(study_dir / "study.csv", to_csv(rows))
     return StudyOutcome(study_dir, rows, outcome.ran, outcome.skipped, outcome.failed)
 
 

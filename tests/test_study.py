@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,18 @@ def test_resume_skips_completed_runs_and_refuses_without_it(tmp_path: Path) -> N
     attn = next(r for r in res.rows if r["layer"] == "attn")
     assert attn["standalone_mean"] == 0.5 and attn["combined_mean"] == 0.7
     assert attn["overall"] == pytest.approx(0.6)
+
+    # Resumed again with every run done: the table files are replaced whole, never written into.
+    inodes = {name: (out / name).stat().st_ino for name in ("study.md", "study.csv")}
+    rc = base_rc(tmp_path)
+    run_study(rc, output_dir=out, only=["attn"], resume=True, run_fn=fake_run, progress=lambda m: None)
+    assert calls == ["wtp-attn-combined"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name, inode in inodes.items():
+        assert (out / name).stat().st_ino != inode, name
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # default permissions, as before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_a_failed_run_does_not_stop_the_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
