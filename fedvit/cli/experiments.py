@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from fedvit.cli.common import add_run_config_arg, eprint, run_config
@@ -55,10 +56,15 @@ def _cmd_study(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=eprint,
     )
-    print(to_markdown(outcome.rows), end="", flush=True)
-    print(f"study: {outcome.study_dir / 'study.md'}", flush=True)
-    if outcome.failed:
-        eprint(f"error: {len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}")
+    return _tell(to_markdown(outcome.rows), f"study: {outcome.study_dir / 'study.md'}", outcome.failed)
+
+
+def _tell(table: str, where: str, failed: Collection[str]) -> int:
+    """Print a study's or sweep's table and where it is written; exit 1, naming them, if runs failed."""
+    print(table, end="", flush=True)
+    print(where, flush=True)
+    if failed:
+        eprint(f"error: {len(failed)} run(s) failed: {', '.join(failed)}")
         return 1
     return 0
 
@@ -115,12 +121,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(out / r.name, flush=True)
         return 0
     outcome = run_sweep(spec, progress=eprint)
-    print(outcome.markdown, end="", flush=True)
-    print(f"sweep: {outcome.out_dir / 'sweep.md'}", flush=True)
-    if outcome.failed:
-        eprint(f"error: {len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}")
-        return 1
-    return 0
+    return _tell(outcome.markdown, f"sweep: {outcome.out_dir / 'sweep.md'}", outcome.failed)
 
 
 # --------------------------------------------------------------------------- bench
