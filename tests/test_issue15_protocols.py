@@ -5,7 +5,8 @@ FedTP: CIFAR-10, Dirichlet 0.3, >= 100 clients, <= 10% per round, every client e
 evaluated rounds, FedTP's client SGD for every method (never AdamW) and the authors' hypernetwork
 SGD; the only tuned value is the labelled extra row's. Shakespeare: >= 4x issue 5's rounds.
 pFedLA: 4 classes per client, 10 clients all joining and 100 with 10% per round, the authors'
-hypernetwork settings, pFedLA's client SGD for every method."""
+hypernetwork settings, pFedLA's client SGD for every method. Anytime: the tiers, FedAvg and the last
+exit head alone on one backbone, with the same data, rounds and optimizer."""
 
 from __future__ import annotations
 
@@ -36,7 +37,12 @@ def optimizer(cfg) -> dict[str, object]:
 
 def test_every_issue15_sweep_plans_one_seeded_run_per_row_and_writes_under_outputs() -> None:
     specs = sorted(SWEEPS.glob("issue15-*.yaml"))
-    assert [p.stem for p in specs] == ["issue15-fedtp-cifar10", "issue15-fedtp-shakespeare", "issue15-pfedla"]
+    assert [p.stem for p in specs] == [
+        "issue15-anytime",
+        "issue15-fedtp-cifar10",
+        "issue15-fedtp-shakespeare",
+        "issue15-pfedla",
+    ]
     for path in specs:
         spec = spec_from_mapping(load_spec(path))
         assert spec.out == f"outputs/{path.stem}" and spec.engine == "simulation"
@@ -102,3 +108,25 @@ def test_pfedla_is_the_papers_partition_with_the_authors_hypernetworks(
             o = cfg.method.options
             assert (o["embed_dim"], o["hidden"], o["n_layers"], o["hn_lr"]) == (100, 100, 3, 0.005), name
             assert o["heur_k"] == (2 if cfg.method.name == "heurpfedla" else 0), name
+
+
+def test_the_anytime_batch_compares_tiers_fedavg_and_the_last_head_on_one_backbone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backbone = tmp_path / "outputs" / "pretrain" / "cifar10-rgb32-vit-tiny-p8-e30.pt"
+    backbone.parent.mkdir(parents=True)
+    backbone.write_bytes(b"")  # the config only checks that the file exists
+    monkeypatch.chdir(tmp_path)
+    cfgs = resolved("issue15-anytime", tmp_path)
+    assert list(cfgs) == ["anytime,seed=0", "fedavg-finetune,seed=0", "fedavg-last-head,seed=0"]
+    tiers, finetune, head = cfgs.values()
+    assert tiers.method.name == "anytime" and tiers.model.anytime.enabled and tiers.model.anytime.tiers
+    for cfg in (finetune, head):
+        assert cfg.method.name == "fedavg" and not cfg.model.anytime.enabled
+    assert finetune.model.frozen == []
+    every_group = ["patch_embed", "pos_embed", "norm", *(f"block.{i}" for i in range(head.model.depth))]
+    assert sorted(head.model.frozen) == sorted(every_group)  # all but the classifier
+    for cfg in cfgs.values():
+        assert Path(cfg.model.pretrained).resolve() == backbone.resolve()
+        assert (cfg.data.name, cfg.clients.num_clients, cfg.server.num_rounds) == ("femnist", 20, 30)
+        assert cfg.train == tiers.train
