@@ -77,8 +77,11 @@ class _Snapshot:
         for p, flag in self.flags:
             p.requires_grad_(flag)
         for module, attrs in self.attrs:
-            extra = [k for k, v in vars(module).items() if not k.startswith("_") and k not in attrs
-                     and isinstance(v, _SIMPLE)]
+            extra = [
+                k
+                for k, v in vars(module).items()
+                if not k.startswith("_") and k not in attrs and isinstance(v, _SIMPLE)
+            ]
             for k in extra:  # an attribute a client added: not part of the pristine model
                 delattr(module, k)
             for k, v in attrs.items():

@@ -54,13 +54,12 @@ def test_release_bounds_every_clients_shared_update() -> None:
     current = {"w": rng.normal(size=(7, 5)).astype(np.float32), "b": np.zeros(3, np.float32)}
     deltas = updates(rng, [0.2, 0.5, 1e6])
     replies = [{k: current[k] + d[k] for k in current} for d in deltas]
-    dp = SharedDP(
-        clip_norm=1.0, noise_multiplier=1e-9, delta=1e-5, num_sampled=4, num_clients=10, rng=rng
-    )
+    dp = SharedDP(clip_norm=1.0, noise_multiplier=1e-9, delta=1e-5, num_sampled=4, num_clients=10, rng=rng)
     out, info = dp.release(3, replies, current)
     change = {k: out[k].astype(np.float64) - current[k] for k in current}
     expected = {
-        k: sum(privacy.clip(d, 1.0)[k] for d in deltas) / 4 for k in current  # fixed denominator m = 4
+        k: sum(privacy.clip(d, 1.0)[k] for d in deltas) / 4
+        for k in current  # fixed denominator m = 4
     }
     for k in current:
         np.testing.assert_allclose(change[k], expected[k], atol=1e-5)

@@ -89,8 +89,8 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
         "--grid",
         action="append",
         metavar="KEY=V1,V2,...",
-        help="one grid key and its values, e.g. \"method=fedavg,fedper\" or "
-        "\"method.private=[attn],[head]\"; repeatable; run-config keys or dotted config keys",
+        help='one grid key and its values, e.g. "method=fedavg,fedper" or '
+        '"method.private=[attn],[head]"; repeatable; run-config keys or dotted config keys',
     )
     p.add_argument("--seeds", type=int, nargs="+", metavar="N", help="run every combination once per seed")
     p.add_argument(
