@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     ax.set_xscale("log")
     ticks = [*finite, no_dp_x]
-    ax.set_xticks(ticks, [f"{e:g}" for e in finite] + ["no DP"])
+    ax.set_xticks(ticks, [f"{e:.3g}" for e in finite] + ["no DP"])
     ax.minorticks_off()
     ax.set_xlabel("ε after the last round (δ as configured)")
     ax.set_ylabel("client test accuracy %, mean (band ± std over clients)")
