@@ -46,15 +46,9 @@ CHECK = behaviour_check()
 
 def run_config(tmp_path: Path, method: str, extra: str = "", rounds: int = 1) -> dict:
     """One round of the behaviour check's tiny federation (3 clients on digits, a 2-block ViT)."""
-    overrides = f"{CHECK.TINY} data.cache_dir={tmp_path / 'cache'} {CHECK.EXTRA.get(method, '')} {extra}"
-    return {
-        "method": method,
-        "num-server-rounds": rounds,
-        "num-clients": 3,
-        "output-dir": str(tmp_path / "out"),
-        "run-name": method,
-        "overrides": overrides.strip(),
-    }
+    return fedhelpers.run_config(
+        tmp_path, method, CHECK.TINY, rounds, f"{CHECK.EXTRA.get(method, '')} {extra}"
+    )
 
 
 def expected_metrics(kind: str, method_cfg, model) -> set[str]:
