@@ -31,22 +31,16 @@ def main(argv: list[str]) -> int:
     from fedvit.hypernet import HypernetConfig, WeightHypernet
     from fedvit.models import build_model
     from fedvit.params import parameter_groups
+    from fedvit.registry import method_options
 
     fedtp_dir = Path(argv[0])
     cfg = config_from_yaml(fedtp_dir / "config.yaml")
-    opts = cfg.method.options
+    _, o = method_options(cfg)  # FedTP's typed Options: its defaults, not copies of them
     model = build_model(cfg)
     init_model = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     groups = parameter_groups(model)
-    generated = [k for g in opts.get("generated", ["attn.qkv"]) for k in groups[g]]
-    hn_cfg = HypernetConfig(
-        embed_dim=opts.get("embed_dim", 128),
-        hidden=opts.get("hidden", 150),
-        n_hidden=opts.get("n_hidden", 3),
-        head=opts.get("head", "full"),
-        basis_size=opts.get("basis_size", 8),
-        init_gain=opts.get("init_gain", 0.1),
-    )
+    generated = [k for g in o.generated for k in groups[g]]
+    hn_cfg = HypernetConfig(o.embed_dim, o.hidden, o.n_hidden, o.head, o.basis_size, o.init_gain)
     hnet = WeightHypernet(
         cfg.clients.num_clients, {k: init_model[k] for k in generated}, hn_cfg, seed=cfg.seed
     )
