@@ -185,14 +185,11 @@ def expand_run_dirs(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
     dirs: list[Path] = []
     notes: list[str] = []
     for path in paths:
-        manifest = Path(path) / "sweep.json"
-        if not manifest.is_file():
+        entries = _manifest_runs(Path(path))
+        if entries is None:
             dirs.append(Path(path))
             continue
-        try:
-            names = [str(e["name"]) for e in json.loads(manifest.read_text())["runs"]]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ReportError(f"{manifest}: not a readable sweep manifest ({err})") from err
+        names = [name for name, _ in entries]
         done = [n for n in names if _status(Path(path) / n) == "completed"]
         dirs += [Path(path) / n for n in done]
         if len(done) < len(names):
@@ -207,16 +204,23 @@ def _status(run_dir: Path) -> str | None:
         return None
 
 
+def _manifest_runs(path: Path) -> list[tuple[str, str]] | None:
+    """``(run name, label)`` of every run in the sweep directory ``path``'s ``sweep.json`` (the
+    label: the combination's name without the seed, e.g. ``fedavg-last-head``; else the name), or
+    ``None`` when ``path`` is not a sweep directory."""
+    manifest = path / "sweep.json"
+    if not manifest.is_file():
+        return None
+    try:
+        runs = json.loads(manifest.read_text())["runs"]
+        return [(str(e["name"]), str(e.get("label") or e["name"])) for e in runs]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ReportError(f"{manifest}: not a readable sweep manifest ({err})") from err
+
+
 def sweep_labels(paths: Sequence[Path]) -> dict[Path, str]:
-    """Each run directory of the sweep directories among ``paths`` and its run's label in the
-    sweep (``sweep.json``: the combination's name without the seed, e.g. ``fedavg-last-head``)."""
-    labels: dict[Path, str] = {}
-    for path in paths:
-        manifest = Path(path) / "sweep.json"
-        if manifest.is_file():
-            for entry in json.loads(manifest.read_text()).get("runs", []):
-                labels[Path(path) / str(entry["name"])] = str(entry.get("label") or entry["name"])
-    return labels
+    """Each run directory of the sweep directories among ``paths`` and its run's label there."""
+    return {Path(p) / name: label for p in paths for name, label in _manifest_runs(Path(p)) or []}
 
 
 def finished_runs(
