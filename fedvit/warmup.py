@@ -28,11 +28,19 @@ def ray_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     return env
 
 
-#: What every client worker's first message needs: the ClientApp (torch, timm, flwr, fedvit) and
-#: the data modules it reads a client's datasets with (``fedvit.data`` imports its submodules on
+#: What every client worker's first message needs: the ClientApp (torch, flwr, fedvit), the model
+#: builders (timm, which imports torchvision and with it ``torch._dynamo``: the largest single
+#: import, seconds of CPU; the ClientApp imports them only when it builds its first model) and the
+#: data modules it reads a client's datasets with (``fedvit.data`` imports its submodules on
 #: first use). A method's own client module is not among them: the first message imports the one
 #: its run names (:func:`fedvit.registry.get_client`), so a worker holds no other method's code.
-WARM_MODULES = ("fedvit.client_app", "fedvit.data.datasets", "fedvit.data.partition", "fedvit.data.sources")
+WARM_MODULES = (
+    "fedvit.client_app",
+    "fedvit.models",
+    "fedvit.data.datasets",
+    "fedvit.data.partition",
+    "fedvit.data.sources",
+)
 
 
 def warm_up() -> None:
