@@ -17,6 +17,11 @@ neither knows, naming them (``method.options.<key>``); it returns instances of t
 classes. :func:`check_method_options` (what :func:`fedvit.config.load_config` calls) does the
 same checks against the ``Options`` classes read from source by :mod:`fedvit.lightload`, so a
 configuration is checked without importing torch or flwr.
+
+A method may also bring its own ``fedvit`` subcommands (pFedLA's ``fedvit alpha``): a function
+``(argv) -> exit code`` decorated with :func:`register_command` in either package, found the same
+way (:func:`declared` ``("command")``, with its help line) and imported by :func:`run_command` only
+when that subcommand runs (:mod:`fedvit.cli.plugins`).
 """
 
 from __future__ import annotations
@@ -35,24 +40,28 @@ from fedvit.errors import ConfigError
 
 T = TypeVar("T")
 PACKAGES = {"strategy": "strategies", "client": "clients"}
-_DECORATORS = {"register_strategy": "strategy", "register_client": "client"}
-_REGISTERED: dict[str, dict[str, type]] = {"strategy": {}, "client": {}}
+#: Where each kind is declared: classes in their own package, a method's commands in either.
+_SEARCHED = {"strategy": ("strategies",), "client": ("clients",), "command": ("strategies", "clients")}
+_DECORATORS = {"register_strategy": "strategy", "register_client": "client", "register_command": "command"}
+_REGISTERED: dict[str, dict[str, Any]] = {"strategy": {}, "client": {}, "command": {}}
 
 
 class Declaration(NamedTuple):
-    """Where a strategy or client class is declared: ``module:qualname``."""
+    """Where a strategy or client class (or a method's command) is declared: ``module:qualname``;
+    a command's help line too."""
 
     module: str
     qualname: str
+    help: str = ""
 
     def __str__(self) -> str:
         return f"{self.module}:{self.qualname}"
 
 
-def _register(kind: str, name: str) -> Callable[[type[T]], type[T]]:
-    table = _REGISTERED[kind]
+def _register(kind: str, name: str) -> Callable[[T], T]:
+    table = _REGISTERED.setdefault(kind, {})
 
-    def deco(cls: type[T]) -> type[T]:
+    def deco(cls: T) -> T:
         if name in table and table[name] is not cls:
             raise ValueError(f"{kind} '{name}' is registered twice ({table[name]} and {cls})")
         table[name] = cls
@@ -71,6 +80,15 @@ def register_client(name: str) -> Callable[[type[T]], type[T]]:
     return _register("client", name)
 
 
+def register_command(name: str, *, help: str) -> Callable[[T], T]:
+    """Function decorator: a method's own subcommand, ``fedvit <name>`` (or ``fedvit bench <word>``
+    for ``name="bench <word>"``), listed by ``fedvit --help`` with ``help``. The function takes
+    the arguments after the name (``argv: list[str]``, its own ``argparse`` parser) and returns
+    the exit code. ``name`` and ``help`` are read from source, so both must be string literals."""
+    del help  # read from source by declared("command")
+    return _register("command", name)
+
+
 def _package_files(package: str) -> list[Path]:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -79,42 +97,64 @@ def _package_files(package: str) -> list[Path]:
 
 
 @cache
-def declared(kind: str) -> dict[str, Declaration]:
-    """Every ``@register_<kind>("name")`` of the ``strategies`` / ``clients`` package, read from
-    source (nothing is imported): name -> where the class is."""
-    found: dict[str, Declaration] = {}
-    package = PACKAGES[kind]
+def _scan(package: str) -> dict[str, dict[str, Declaration]]:
+    """Every ``@register_*("name")`` decorator of ``package``'s modules, by kind (read, not imported)."""
+    found: dict[str, dict[str, Declaration]] = {}
     for path in _package_files(package):
         text = path.read_text(encoding="utf-8")
         if "register_" not in text:
             continue
         module = f"{package}.{path.stem}" if path.stem != "__init__" else package
         for stmt in ast.parse(text, filename=str(path)).body:
-            if not isinstance(stmt, ast.ClassDef):
+            if not isinstance(stmt, ast.ClassDef | ast.FunctionDef):
                 continue
             for deco in stmt.decorator_list:
-                if (
-                    isinstance(deco, ast.Call)
-                    and isinstance(deco.func, ast.Name)
-                    and _DECORATORS.get(deco.func.id) == kind
-                    and deco.args
-                    and isinstance(deco.args[0], ast.Constant)
-                    and isinstance(deco.args[0].value, str)
-                ):
-                    name = deco.args[0].value
-                    if name in found:
-                        raise ValueError(f"{kind} '{name}' is declared twice ({found[name]} and {module})")
-                    found[name] = Declaration(module, stmt.name)
+                name, kind = _literal_arg(deco, 0), _decorator_kind(deco)
+                if kind is None or name is None or isinstance(stmt, ast.ClassDef) == (kind == "command"):
+                    continue
+                table = found.setdefault(kind, {})
+                if name in table:
+                    raise ValueError(f"{kind} '{name}' is declared twice ({table[name]} and {module})")
+                table[name] = Declaration(module, stmt.name, _literal_arg(deco, "help") or "")
+    return found
+
+
+def _decorator_kind(deco: ast.expr) -> str | None:
+    is_call = isinstance(deco, ast.Call) and isinstance(deco.func, ast.Name)
+    return _DECORATORS.get(deco.func.id) if is_call else None  # type: ignore[union-attr]
+
+
+def _literal_arg(deco: ast.expr, which: int | str) -> str | None:
+    """A decorator call's string-literal argument (position or keyword), else ``None``."""
+    if not isinstance(deco, ast.Call):
+        return None
+    if isinstance(which, int):
+        node = deco.args[which] if len(deco.args) > which else None
+    else:
+        node = next((k.value for k in deco.keywords if k.arg == which), None)
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+@cache
+def declared(kind: str) -> dict[str, Declaration]:
+    """Every ``@register_<kind>("name")`` of the ``strategies`` / ``clients`` package (``command``:
+    of both), read from source (nothing is imported): name -> where it is."""
+    found: dict[str, Declaration] = {}
+    for package in _SEARCHED[kind]:
+        for name, where in _scan(package).get(kind, {}).items():
+            if name in found:
+                raise ValueError(f"{kind} '{name}' is declared twice ({found[name]} and {where.module})")
+            found[name] = where
     return found
 
 
 def names(kind: str) -> list[str]:
     """Every strategy or client name: declared in the packages or registered otherwise."""
-    return sorted({*declared(kind), *_REGISTERED[kind]})
+    return sorted({*declared(kind), *_REGISTERED.setdefault(kind, {})})
 
 
-def _lookup(kind: str, name: str) -> type:
-    table = _REGISTERED[kind]
+def _lookup(kind: str, name: str) -> Any:
+    table = _REGISTERED.setdefault(kind, {})
     if name not in table:
         where = declared(kind).get(name)
         if where is None:
@@ -122,7 +162,7 @@ def _lookup(kind: str, name: str) -> type:
         module = importlib.import_module(where.module)
         if name not in table:  # imported before this table existed (a reset registry)
             cls = getattr(module, where.qualname, None)
-            if not isinstance(cls, type):
+            if not (isinstance(cls, type) or (kind == "command" and callable(cls))):
                 raise RuntimeError(f"importing {where.module} did not register {kind} '{name}'")
             table[name] = cls
     return table[name]
@@ -152,6 +192,12 @@ def get_strategy(name: str) -> Any:
 def get_client(name: str) -> Any:
     """The client class registered as ``name``; imports only the module that declares it."""
     return _lookup("client", name)
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Run the method command ``name`` (see :func:`register_command`) on ``argv``: imports only
+    the module that declares it."""
+    return int(_lookup("command", name)(argv))
 
 
 def option_schema(kind: str, name: str) -> type | None:

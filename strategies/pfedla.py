@@ -27,7 +27,7 @@ garbage-collected after each checkpoint), θ̄_i is streamed client by client; t
 and are checkpointed with the store's version map. Flower itself still holds a round's messages
 (every sampled client's θ̄_i and reply) in memory while the round runs.
 
-After every round the strategy writes ``<run dir>/alpha.npz`` (:mod:`fedvit.alpha_plot`): every
+After every round the strategy writes ``<run dir>/alpha.npz`` (:mod:`strategies.pfedla_alpha`): every
 client's α_i (``[N, L, N]``, as its hypernetwork gives it now, and as used with HeurpFedLA's
 kept-local layers one-hot), the layer names, the round and the trained clients; after the last
 round, with ``output.plots``, also ``alpha.png`` (one heatmap per layer; ``fedvit alpha RUN_DIR``
@@ -50,12 +50,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedvit.alpha_plot import ALPHA_FILE, AlphaMatrix, plot_alpha, save_alpha
 from fedvit.layeragg import GRANULARITIES, LayerAggregation, aggregation_layers
 from fedvit.params import get_arrays
 from fedvit.registry import method_options, option_error, register_strategy
 from fedvit.wire import to_record
 from strategies.base import PersonalizedStrategy
+from strategies.pfedla_alpha import ALPHA_FILE, AlphaMatrix, plot_alpha, save_alpha
 from strategies.rounds import ClientUpdate, Payload, RoundPlan
 
 STORE_DIR = "model-store"

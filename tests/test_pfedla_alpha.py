@@ -17,7 +17,12 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from fedvit.alpha_plot import (
+from fedvit.cli import main
+from fedvit.config import load_config
+from fedvit.models import build_model
+from fedvit.params import ParameterSplit
+from strategies.pfedla import PFedLAStrategy
+from strategies.pfedla_alpha import (
     ALPHA_FILE,
     ALPHA_PLOT,
     AlphaMatrix,
@@ -28,11 +33,6 @@ from fedvit.alpha_plot import (
     plot_alpha,
     save_alpha,
 )
-from fedvit.cli import main
-from fedvit.config import load_config
-from fedvit.models import build_model
-from fedvit.params import ParameterSplit
-from strategies.pfedla import PFedLAStrategy
 
 TINY = (
     "model.depth=2 model.embed_dim=16 model.num_heads=2 data.max_train_per_client=40 "

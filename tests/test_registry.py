@@ -173,3 +173,42 @@ def test_options_fall_back_to_importing_the_module(monkeypatch: pytest.MonkeyPat
     from clients.fedrep import FedRepClient
 
     assert option_schema("client", "fedrep") is FedRepClient.Options
+
+
+# --------------------------------------------------------------------------- a method's own subcommands
+
+
+def test_method_commands_are_declared_in_source_and_registered_by_their_module() -> None:
+    """``@register_command`` is read from source with its help line; importing the module
+    registers the same function under the same name."""
+    import importlib
+
+    from fedvit.registry import _REGISTERED
+
+    index = declared("command")
+    assert {"alpha", "bench pfedla-memory"} <= set(index)
+    assert index["alpha"].help.startswith("heatmaps of a pFedLA run")
+    for name, where in index.items():
+        module = importlib.import_module(where.module)
+        assert _REGISTERED["command"][name] is getattr(module, where.qualname)
+
+
+def test_the_cli_lists_method_commands_without_importing_them_and_runs_one_by_importing_it(tmp_path) -> None:
+    """``fedvit --help`` names ``alpha`` and ``bench pfedla-memory`` with no method module (nor
+    torch) imported; ``fedvit alpha`` imports pFedLA's α module (and no other method module)."""
+    script = f"""
+import contextlib, io, sys
+from fedvit.cli import build_parser, main
+def loaded():
+    return sorted(m for m in sys.modules if m.startswith(("strategies", "clients", "torch")))
+parser = build_parser()
+sub = next(a for a in parser._actions if a.dest == "command")
+text, bench = parser.format_help(), sub.choices["bench"].format_help()
+print("alpha" in text, "pfedla-memory" in bench, loaded())
+with contextlib.redirect_stderr(io.StringIO()):
+    rc = main(["alpha", {str(tmp_path)!r}])
+print(rc, [m for m in loaded() if m.startswith(("strategies", "clients"))])
+"""
+    first, second = _in_fresh_interpreter(script).splitlines()
+    assert first == "True True []"
+    assert second == "2 ['strategies', 'strategies.pfedla_alpha']"  # no alpha.npz there: exit code 2

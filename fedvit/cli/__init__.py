@@ -20,18 +20,23 @@ leave and the models that go in and out) write ``add_<name>(subparsers)`` that r
 and sets ``func`` (a ``(args) -> int`` handler) with ``set_defaults``, and append it to
 :data:`COMMANDS`. Handlers import what they need lazily, so ``fedvit config`` stays fast; raise
 :class:`~fedvit.config.ConfigError` for user errors (shared helpers: :mod:`~fedvit.cli.common`).
+A subcommand that belongs to one method (``alpha``, ``bench pfedla-memory``: pFedLA's) lives with
+the method instead, declared with :func:`fedvit.registry.register_command` (:mod:`~fedvit.cli.plugins`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 
-from fedvit.cli.artifacts import add_alpha, add_export, add_pretrain, add_report
+from fedvit.cli import plugins
+from fedvit.cli.artifacts import add_export, add_pretrain, add_report
 from fedvit.cli.common import EXIT_CONFIG, EXIT_INTERRUPTED, eprint
 from fedvit.cli.experiments import add_bench, add_study, add_sweep
 from fedvit.cli.run import add_config, add_partition, add_run
 from fedvit.config import ConfigError
+from fedvit.registry import run_command
 
 __all__ = ["COMMANDS", "EXIT_CONFIG", "EXIT_INTERRUPTED", "build_parser", "main"]
 
@@ -46,7 +51,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_pretrain,
     add_export,
     add_sweep,
-    add_alpha,
+    *plugins.adders(),  # the methods' own subcommands (fedvit alpha)
 ]
 
 
@@ -64,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedvit`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    method_command = plugins.match(sys.argv[1:] if argv is None else argv)
+    if method_command is None:
+        args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        return int(args.func(args) if method_command is None else run_command(*method_command))
     except ConfigError as err:
         eprint(f"error: {err}")
         return EXIT_CONFIG

@@ -1,6 +1,6 @@
-"""``fedvit report``, ``fedvit alpha``, ``fedvit pretrain`` and ``fedvit export``: what runs leave
-behind (tables, α heatmaps) and the models that go in and come out (pretrained weights, an
-exported personalized model)."""
+"""``fedvit report``, ``fedvit pretrain`` and ``fedvit export``: what runs leave behind (tables)
+and the models that go in and come out (pretrained weights, an exported personalized model).
+pFedLA's α heatmaps (``fedvit alpha``) are pFedLA's own subcommand (``strategies/pfedla_alpha.py``)."""
 
 from __future__ import annotations
 
@@ -198,48 +198,4 @@ def _cmd_export(args: argparse.Namespace) -> int:
         exit=args.exit,
     )
     print(path, flush=True)
-    return 0
-
-
-# --------------------------------------------------------------------------- alpha (pFedLA)
-
-
-def add_alpha(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "alpha",
-        help="heatmaps of a pFedLA run's learned aggregation weights α",
-        description="Plot <run dir>/alpha.npz (written by pFedLA / HeurpFedLA after every round): one "
-        "clients × clients heatmap per aggregation layer, clients ordered by their most frequent label, "
-        "beside the clients' label overlap; prints per layer the correlation of α with the overlap.",
-    )
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a pFedLA run directory (or its alpha.npz)")
-    p.add_argument("-o", "--out", type=Path, metavar="FILE.png", help="default: <run dir>/alpha.png")
-    p.add_argument("--used", action="store_true", help="α as used (HeurpFedLA's local layers one-hot)")
-    p.set_defaults(func=_cmd_alpha)
-
-
-def _cmd_alpha(args: argparse.Namespace) -> int:
-    from fedvit.alpha_plot import (
-        AlphaError,
-        alpha_path,
-        label_correlation,
-        label_histograms,
-        label_overlap,
-        load_alpha,
-        plot_alpha,
-    )
-
-    try:
-        m = load_alpha(args.run_dir)
-        out = plot_alpha(args.run_dir, args.out, used=args.used)
-    except AlphaError as err:
-        eprint(f"error: {err}")
-        return EXIT_CONFIG
-    hists = label_histograms(alpha_path(args.run_dir).parent, m.num_clients)
-    if hists is not None:
-        corr = label_correlation(m, label_overlap(hists), used=args.used)
-        print("layer\tr(α, label overlap)")
-        for name, r in corr.items():
-            print(f"{name}\t{r:.3f}")
-    print(out, flush=True)
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 EXIT_CONFIG = 2
@@ -32,3 +34,12 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     from fedvit.launch.runconfig import load_kv_args  # not fedvit.runner: its process machinery
 
     return load_kv_args(args.run_config, "run-config")
+
+
+def print_report(report: dict[str, Any], out: Path | None) -> int:
+    """Print a benchmark's JSON report (and write it to ``out`` too, when given); exit code 0."""
+    text = json.dumps(report, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    print(text, flush=True)
+    return 0

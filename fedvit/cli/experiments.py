@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Collection
 from pathlib import Path
 
-from fedvit.cli.common import add_run_config_arg, eprint, run_config
+from fedvit.cli.common import add_run_config_arg, eprint, print_report, run_config
+from fedvit.cli.plugins import commands as method_commands
 from fedvit.config import ConfigError
 
 # --------------------------------------------------------------------------- study
@@ -128,24 +128,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
+    methods = method_commands("bench")  # the methods' own benchmarks, e.g. pFedLA's pfedla-memory
     p = sub.add_parser(
         "bench",
-        help="benchmarks: pFedLA's server memory, a federation's round time against its yardsticks",
-        description="pfedla-memory: build pFedLA's server state for N clients of the tiny ViT (digits "
-        "defaults) and run one round's server work for all N (θ̄_i, an HN step from a synthetic Δ, "
-        "θ_i stored) without Flower; report each child's peak RSS and times as JSON. "
-        "round: run the federation of --run-config (Ray simulation, 1 CPU per client), then time the "
-        "model's pure compute (1 thread) and Flower's no-op floor for the same N and payload; report "
-        "steady round time, bound, floor, ratios, per-message overhead, start-up, peak RSS as JSON "
-        "(fields: docs/experiments.md, 'Simulation overhead benchmark').",
+        help="benchmarks: a federation's round time against its yardsticks; the methods' own "
+        f"({', '.join(methods)})",
+        description="round: run the federation of --run-config (Ray simulation, 1 CPU per client), then "
+        "time the model's pure compute (1 thread) and Flower's no-op floor for the same N and payload; "
+        "report steady round time, bound, floor, ratios, per-message overhead, start-up, peak RSS as JSON "
+        "(fields: docs/experiments.md, 'Simulation overhead benchmark'). "
+        + " ".join(f"{name}: {help} (fedvit bench {name} -h)." for name, help in methods.items()),
     )
-    p.add_argument("bench", choices=("pfedla-memory", "round"), help="which benchmark")
-    p.add_argument(
-        "--clients", type=int, nargs="+", default=[20, 50, 100], metavar="N", help="pfedla-memory: sizes"
-    )
-    p.add_argument(
-        "--overrides", default="", metavar="'k=v ...'", help="pfedla-memory: config overrides (dotted keys)"
-    )
+    p.add_argument("bench", choices=("round", *methods), help="which benchmark")
     add_run_config_arg(p)
     p.add_argument("--app", type=Path, metavar="DIR", help="round: the app to run (default: this repo)")
     p.add_argument("--skip-floor", action="store_true", help="round: do not measure Flower's floor")
@@ -173,31 +167,22 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.bench == "round":
-        from fedvit.bench_round import REPO, round_bench
+    if args.bench != "round":  # a method's: `fedvit bench <name> ...` runs it (fedvit.cli.plugins)
+        raise ConfigError(f"bench {args.bench}: its options go after its name (fedvit bench {args.bench} -h)")
+    from fedvit.bench_round import REPO, round_bench
 
-        bad_nodes = args.supernodes is not None and args.supernodes < 1
-        if args.timeout <= 0 or args.bound_seconds <= 0 or bad_nodes:
-            raise ConfigError("bench round: --timeout, --bound-seconds and --supernodes must be > 0")
-        report = round_bench(
-            run_config(args),
-            app_dir=args.app or REPO,
-            skip_floor=args.skip_floor,
-            skip_bound=args.skip_bound,
-            scaling=not args.skip_scaling,
-            supernodes=args.supernodes,
-            timeout_s=args.timeout,
-            bound_measure_s=args.bound_seconds,
-            progress=eprint,
-        )
-    else:
-        from fedvit.bench import pfedla_memory
-
-        if any(n < 1 for n in args.clients):
-            raise ConfigError("bench: --clients must be >= 1")
-        report = pfedla_memory(args.clients, overrides=args.overrides)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text, flush=True)
-    return 0
+    bad_nodes = args.supernodes is not None and args.supernodes < 1
+    if args.timeout <= 0 or args.bound_seconds <= 0 or bad_nodes:
+        raise ConfigError("bench round: --timeout, --bound-seconds and --supernodes must be > 0")
+    report = round_bench(
+        run_config(args),
+        app_dir=args.app or REPO,
+        skip_floor=args.skip_floor,
+        skip_bound=args.skip_bound,
+        scaling=not args.skip_scaling,
+        supernodes=args.supernodes,
+        timeout_s=args.timeout,
+        bound_measure_s=args.bound_seconds,
+        progress=eprint,
+    )
+    return print_report(report, args.out)

@@ -1,6 +1,6 @@
-"""Benchmarks of server-side costs (``fedvit bench``).
+"""pFedLA's server-side cost: ``fedvit bench pfedla-memory`` (pFedLA's own subcommand: :func:`bench_command`).
 
-``pfedla-memory``: for each N, a **fresh subprocess** builds pFedLA's server state for N clients
+For each N, a **fresh subprocess** builds pFedLA's server state for N clients
 (the config's model, by default the tiny ViT on digits: N hypernetworks in memory, the N-model
 store on disk in a temporary directory) and runs one round's server work for all N clients
 without Flower: compute θ̄_i (as sent), recompute it and take HN_i's step from a synthetic
@@ -12,6 +12,7 @@ and wall times.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -22,7 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-BENCHES = ("pfedla-memory",)
+from fedvit.cli.common import print_report
+from fedvit.config import ConfigError
+from fedvit.registry import register_command
 
 
 def _maxrss_mb() -> float:
@@ -93,7 +96,7 @@ def pfedla_memory(
     rows = []
     for n in clients:
         proc = subprocess.run(
-            [sys.executable, "-m", "fedvit.bench", "--child", "pfedla-memory", str(n), overrides],
+            [sys.executable, "-m", __name__, "--child", "pfedla-memory", str(n), overrides],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -110,7 +113,28 @@ def pfedla_memory(
     }
 
 
-if __name__ == "__main__":  # the child: python -m fedvit.bench --child pfedla-memory N [OVERRIDES]
-    if len(sys.argv) < 4 or sys.argv[1] != "--child" or sys.argv[2] not in BENCHES:
-        sys.exit("usage: python -m fedvit.bench --child pfedla-memory N [OVERRIDES]")
+@register_command(
+    "bench pfedla-memory",
+    help="pFedLA's server memory and time for N clients (one fresh process each; JSON)",
+)
+def bench_command(argv: Sequence[str]) -> int:
+    """``fedvit bench pfedla-memory [--clients N ...] [--overrides 'k=v ...'] [--out FILE]``."""
+    p = argparse.ArgumentParser(
+        prog="fedvit bench pfedla-memory",
+        description="Build pFedLA's server state for N clients of the tiny ViT (digits defaults) and run "
+        "one round's server work for all N (θ̄_i, an HN step from a synthetic Δ, θ_i stored) without "
+        "Flower; report each child's peak RSS and times as JSON.",
+    )
+    p.add_argument("--clients", type=int, nargs="+", default=[20, 50, 100], metavar="N", help="sizes")
+    p.add_argument("--overrides", default="", metavar="'k=v ...'", help="config overrides (dotted keys)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report here")
+    args = p.parse_args(list(argv))
+    if any(n < 1 for n in args.clients):
+        raise ConfigError("bench: --clients must be >= 1")
+    return print_report(pfedla_memory(args.clients, overrides=args.overrides), args.out)
+
+
+if __name__ == "__main__":  # the child: python -m strategies.pfedla_bench --child pfedla-memory N [OVERRIDES]
+    if len(sys.argv) < 4 or sys.argv[1:3] != ["--child", "pfedla-memory"]:
+        sys.exit(f"usage: python -m {__spec__.name} --child pfedla-memory N [OVERRIDES]")
     print(json.dumps(pfedla_round(int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "")), flush=True)

@@ -1,4 +1,5 @@
-"""pFedLA's learned aggregation weights α (``<run dir>/alpha.npz``) as heatmaps (``fedvit alpha``).
+"""pFedLA's learned aggregation weights α (``<run dir>/alpha.npz``) as heatmaps (``fedvit alpha``,
+pFedLA's own subcommand: :func:`alpha_command`).
 
 ``alpha.npz`` is written by the pFedLA / HeurpFedLA strategy after every round (its format is
 :data:`ALPHA_KEYS`): ``alpha`` ``[N, L, N]`` float64, row i = what client i's hypernetwork gives
@@ -17,14 +18,18 @@ and the label overlap of i and j over the pairs i ≠ j.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedvit.cli.common import EXIT_CONFIG, eprint
 from fedvit.io import write_npz
+from fedvit.registry import register_command
 
 ALPHA_FILE = "alpha.npz"
 ALPHA_PLOT = "alpha.png"
@@ -200,3 +205,36 @@ def plot_alpha(run_dir_or_file: Path, out: Path | None = None, *, used: bool = F
     fig.savefig(target, dpi=dpi)
     plt.close(fig)
     return target
+
+
+# --------------------------------------------------------------------------- fedvit alpha
+
+
+@register_command("alpha", help="heatmaps of a pFedLA run's learned aggregation weights α")
+def alpha_command(argv: Sequence[str]) -> int:
+    """``fedvit alpha RUN_DIR [-o FILE.png] [--used]``: the heatmaps, and per layer the correlation
+    of α with the clients' label overlap (when the run recorded label histograms)."""
+    p = argparse.ArgumentParser(
+        prog="fedvit alpha",
+        description="Plot <run dir>/alpha.npz (written by pFedLA / HeurpFedLA after every round): one "
+        "clients × clients heatmap per aggregation layer, clients ordered by their most frequent label, "
+        "beside the clients' label overlap; prints per layer the correlation of α with the overlap.",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a pFedLA run directory (or its alpha.npz)")
+    p.add_argument("-o", "--out", type=Path, metavar="FILE.png", help="default: <run dir>/alpha.png")
+    p.add_argument("--used", action="store_true", help="α as used (HeurpFedLA's local layers one-hot)")
+    args = p.parse_args(list(argv))
+    try:
+        m = load_alpha(args.run_dir)
+        out = plot_alpha(args.run_dir, args.out, used=args.used)
+    except AlphaError as err:
+        eprint(f"error: {err}")
+        return EXIT_CONFIG
+    hists = label_histograms(alpha_path(args.run_dir).parent, m.num_clients)
+    if hists is not None:
+        corr = label_correlation(m, label_overlap(hists), used=args.used)
+        print("layer\tr(α, label overlap)")
+        for name, r in corr.items():
+            print(f"{name}\t{r:.3f}")
+    print(out, flush=True)
+    return 0
