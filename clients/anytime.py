@@ -32,6 +32,7 @@ from torch import nn
 
 from clients.base import ClientSetup, PartialClient, trainable_only
 from fedvit.config import ConfigError, FedvitConfig
+from fedvit.export import ExportPolicy
 from fedvit.models.anytime import AnytimeViT, client_tier, keys_up_to
 from fedvit.params import ParameterSplit, get_arrays, parameter_groups, set_arrays
 from fedvit.registry import method_options, option_error, register_client
@@ -54,6 +55,40 @@ def device_tier(setup: ClientSetup) -> int:
             f"node config {NODE_TIER_KEY}={declared!r}: must be one of the model's exit depths {exits}"
         )
     return int(text)
+
+
+class AnytimeExport(ExportPolicy):
+    """``fedvit export`` of an anytime client: the model cut at one exit, without the backbone in
+    the state directory."""
+
+    def check(self, client_cls: type, cfg: FedvitConfig) -> None:
+        """Exportable unless evaluation fine-tunes first (that model is never stored)."""
+        steps = method_options(cfg)[0].finetune_steps
+        if steps:
+            raise ConfigError(
+                f"method '{cfg.method.name}': finetune_steps={steps} fine-tunes at each evaluation and "
+                "keeps nothing, so the evaluated model is not stored; export is not supported "
+                "(make the head private with method.private instead)"
+            )
+
+    def stored_private_keys(self, model: nn.Module, split: ParameterSplit) -> list[str]:
+        """The frozen backbone is rebuilt (seeded init + ``model.pretrained``), not stored."""
+        backbone = set(parameter_groups(model)["backbone"])
+        return [k for k in split.private if k not in backbone]
+
+    def cut(self, model: nn.Module, cfg: FedvitConfig, exit: int | None, tier: int | None) -> dict:
+        """Keep blocks and adapters up to exit ``exit`` only, so the model outputs that exit and
+        the file holds nothing deeper (default: the client's tier, else the deepest exit). An
+        exit beyond the client's tier was never trained by it."""
+        assert isinstance(model, AnytimeViT)
+        exits = list(model.exit_depths)
+        depth = exit if exit is not None else (tier if tier is not None else exits[-1])
+        if depth not in exits:
+            raise ConfigError(f"--exit {depth}: the model's exits are at depths {exits}")
+        if tier is not None and depth > tier:
+            raise ConfigError(f"--exit {depth}: this client is tier {tier}; it never trained a deeper exit")
+        model.truncate(depth)
+        return {"exit": depth, "tier": tier, "exits": exits}
 
 
 @register_client("anytime")
@@ -109,39 +144,8 @@ class AnytimeClient(PartialClient):
     def describe(setup: ClientSetup) -> dict[str, Any]:
         return {"tier": device_tier(setup)}
 
-    # ------------------------------------------------------------------ export (fedvit.export)
-
-    @classmethod
-    def check_export(cls, cfg: FedvitConfig) -> None:
-        """Exportable unless evaluation fine-tunes first (that model is never stored)."""
-        steps = method_options(cfg)[0].finetune_steps
-        if steps:
-            raise ConfigError(
-                f"method '{cfg.method.name}': finetune_steps={steps} fine-tunes at each evaluation and "
-                "keeps nothing, so the evaluated model is not stored; export is not supported "
-                "(make the head private with method.private instead)"
-            )
-
-    @classmethod
-    def stored_private_keys(cls, model: nn.Module, split: ParameterSplit) -> list[str]:
-        """The frozen backbone is rebuilt (seeded init + ``model.pretrained``), not stored."""
-        backbone = set(parameter_groups(model)["backbone"])
-        return [k for k in split.private if k not in backbone]
-
-    @classmethod
-    def cut_for_export(cls, model: nn.Module, cfg: FedvitConfig, exit: int | None, tier: int | None) -> dict:
-        """Keep blocks and adapters up to exit ``exit`` only, so the model outputs that exit and
-        the file holds nothing deeper (default: the client's tier, else the deepest exit). An
-        exit beyond the client's tier was never trained by it."""
-        assert isinstance(model, AnytimeViT)
-        exits = list(model.exit_depths)
-        depth = exit if exit is not None else (tier if tier is not None else exits[-1])
-        if depth not in exits:
-            raise ConfigError(f"--exit {depth}: the model's exits are at depths {exits}")
-        if tier is not None and depth > tier:
-            raise ConfigError(f"--exit {depth}: this client is tier {tier}; it never trained a deeper exit")
-        model.truncate(depth)
-        return {"exit": depth, "tier": tier, "exits": exits}
+    #: Exported cut at an exit (its tier by default), backbone rebuilt, not stored.
+    export: ClassVar[ExportPolicy] = AnytimeExport()
 
     def check_tier(self, config: dict[str, Any]) -> None:
         """The server's idea of this client's tier (from its query reply) must be this one."""
@@ -158,7 +162,7 @@ class AnytimeClient(PartialClient):
     # ------------------------------------------------------------------ private state
 
     def _stored_keys(self) -> list[str]:
-        return self.stored_private_keys(self.model, self.split)
+        return self.export.stored_private_keys(self.model, self.split)
 
     def private_state_shapes(self) -> dict[str, tuple[int, ...]]:
         sd = self.model.state_dict()

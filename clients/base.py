@@ -26,8 +26,8 @@ from flwr.client import NumPyClient
 from torch import nn
 
 from fedvit.clientsetup import ClientSetup
-from fedvit.config import ConfigError, FedvitConfig
-from fedvit.params import ParameterSplit, check_arrays, get_arrays, set_arrays
+from fedvit.export import ExportPolicy
+from fedvit.params import check_arrays, get_arrays, set_arrays
 from fedvit.registry import method_options, register_client
 from fedvit.training import EvalResult, TrainResult, evaluate, make_loader, train_local
 
@@ -117,33 +117,12 @@ class PartialClient(NumPyClient):
 
     # ------------------------------------------------------------------ export (fedvit.export)
 
-    #: Overrides that make the personalized model more than shared + private parameters.
-    EVAL_HOOKS = ("personalize_for_eval", "private_state", "restore_private_state", "evaluate")
+    #: How ``fedvit export`` builds this client's personalized model: exportable unless a subclass
+    #: overrides an evaluation hook; the stored private keys; no exits to cut at. A method whose
+    #: model is exported differently declares its own policy (anytime: ``clients.anytime``).
+    export: ClassVar[ExportPolicy] = ExportPolicy()
 
-    @classmethod
-    def check_export(cls, cfg: FedvitConfig) -> None:
-        """:class:`~fedvit.config.ConfigError` unless this client's personalized model is the
-        model with the checkpoint's shared and its stored private parameters (what ``fedvit
-        export`` writes). Default: refused when the class overrides an evaluation hook."""
-        hooks = [h for h in cls.EVAL_HOOKS if getattr(cls, h) is not getattr(PartialClient, h)]
-        if hooks:
-            raise ConfigError(
-                f"method '{cfg.method.name}': its client ({cls.__name__}) overrides {', '.join(hooks)}, "
-                "so its personalized model is not the shared + private parameters; export is not supported"
-            )
-
-    @classmethod
-    def stored_private_keys(cls, model: nn.Module, split: ParameterSplit) -> list[str]:
-        """The private parameters its state directory holds (the rest the model rebuilds itself)."""
-        return list(split.private)
-
-    @classmethod
-    def cut_for_export(cls, model: nn.Module, cfg: FedvitConfig, exit: int | None, tier: int | None) -> dict:
-        """Prepare ``model`` to be exported at exit ``exit`` (``None``: the model's own output);
-        what to add to the export's metadata. Only early-exit models have exits to choose."""
-        if exit is not None:
-            raise ConfigError(f"method '{cfg.method.name}' has no early exits: drop --exit")
-        return {}
+    # ------------------------------------------------------------------ resources
 
     @staticmethod
     def adjust_resources(resources: dict[str, float], model: nn.Module) -> dict[str, float]:

@@ -10,7 +10,11 @@ size) that carries, as the extra file ``fedvit.json``, the model config, the inp
 
 Methods whose personalized model is not "shared + private parameters" (an evaluation-time
 adaptation such as FedBABU's or Per-FedAvg's fine-tuning, APFL's mixture, FedTP's and pFedLA's
-server-generated per-client parameters) are refused with the reason.
+server-generated per-client parameters) are refused with the reason. A method says how its model
+is exported in one place on each side: its client class's :class:`ExportPolicy` (``export``
+attribute: may it be exported, which private keys its state directory holds, where to cut the
+model) and its strategy's ``exportable`` flag (``False``: the server makes per-client parameters
+the checkpoint does not hold).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -59,14 +63,56 @@ def config_from_yaml(path: str | Path) -> FedvitConfig:
     return cfg
 
 
+class ExportPolicy:
+    """How a client class's personalized model becomes an export. A client class declares one as
+    its ``export`` class attribute (the base client: this default; anytime: its own, which cuts the
+    model at an exit); it holds for the class that declares it and its subclasses."""
+
+    #: Overrides that make the personalized model more than shared + private parameters.
+    EVAL_HOOKS: ClassVar[tuple[str, ...]] = (
+        "personalize_for_eval",
+        "private_state",
+        "restore_private_state",
+        "evaluate",
+    )
+
+    def check(self, client_cls: type, cfg: FedvitConfig) -> None:
+        """:class:`ConfigError` unless ``client_cls``'s personalized model is the model with the
+        checkpoint's shared and its stored private parameters. Default: refused when the class
+        overrides an evaluation hook of the class that declared this policy."""
+        owner = next((k for k in client_cls.__mro__ if vars(k).get("export") is self), client_cls)
+        hooks = [h for h in self.EVAL_HOOKS if getattr(client_cls, h) is not getattr(owner, h)]
+        if hooks:
+            raise ConfigError(
+                f"method '{cfg.method.name}': its client ({client_cls.__name__}) overrides "
+                f"{', '.join(hooks)}, so its personalized model is not the shared + private parameters; "
+                "export is not supported"
+            )
+
+    def stored_private_keys(self, model: torch.nn.Module, split: Any) -> list[str]:
+        """The private parameters the state directory holds (the rest the model rebuilds itself)."""
+        return list(split.private)
+
+    def cut(self, model: torch.nn.Module, cfg: FedvitConfig, exit: int | None, tier: int | None) -> dict:
+        """Prepare ``model`` to be exported at exit ``exit`` (``None``: the model's own output);
+        what to add to the export's metadata. Only early-exit models have exits to choose."""
+        if exit is not None:
+            raise ConfigError(f"method '{cfg.method.name}' has no early exits: drop --exit")
+        return {}
+
+
 def check_exportable(cfg: FedvitConfig) -> None:
     """:class:`ConfigError` unless the method's personalized model is shared + private parameters
-    (the client's :meth:`~clients.base.PartialClient.check_export`, and the strategy's
-    :meth:`~strategies.base.PersonalizedStrategy.check_export`)."""
+    (its client's :class:`ExportPolicy`, its strategy's ``exportable``)."""
     from fedvit.registry import get_client, get_strategy
 
-    get_client(cfg.method.client).check_export(cfg)
-    get_strategy(cfg.method.strategy).check_export(cfg)
+    client, strategy = get_client(cfg.method.client), get_strategy(cfg.method.strategy)
+    client.export.check(client, cfg)
+    if not strategy.exportable:
+        raise ConfigError(
+            f"method '{cfg.method.name}': the server sends each client its own parameters "
+            f"({strategy.__name__}), which the checkpoint does not hold; export is not supported"
+        )
 
 
 def personalized_model(
@@ -85,7 +131,7 @@ def personalized_model(
     from fedvit.registry import get_client
 
     check_exportable(cfg)
-    client = get_client(cfg.method.client)
+    policy: ExportPolicy = get_client(cfg.method.client).export
     ckpt = Path(checkpoint).expanduser()
     if not (ckpt / "arrays.npz").is_file():
         raise ConfigError(f"no checkpoint in {ckpt} (missing arrays.npz); was the run checkpointed?")
@@ -100,10 +146,10 @@ def personalized_model(
         private = store.read()
     except StateError as err:
         raise ConfigError(str(err)) from err
-    stored = {k: stored[k] for k in client.stored_private_keys(model, split)}
+    stored = {k: stored[k] for k in policy.stored_private_keys(model, split)}
     check_arrays(private, stored, who=f"state directory {store.state_dir}")
     set_arrays(model, {**shared, **private})
-    cut = client.cut_for_export(model, cfg, exit, tier)
+    cut = policy.cut(model, cfg, exit, tier)
     state = ckpt / "state.json"
     rnd = json.loads(state.read_text()).get("round") if state.is_file() else None
     return Personalized(cfg, model.eval(), client_id, rnd, store.state_dir, ckpt, cut)

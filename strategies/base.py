@@ -91,7 +91,8 @@ class PersonalizedStrategy(Federation):
     different private groups."""
 
     #: Whether every client's shared parameters are the checkpoint's, which ``fedvit export``
-    #: combines with its private ones; ``False`` for a server that makes per-client parameters.
+    #: combines with its private ones; ``False`` for a server that makes per-client parameters
+    #: (read by :func:`fedvit.export.check_exportable`, with the client's ``export`` policy).
     exportable: ClassVar[bool] = True
     #: Why this server cannot take client-level DP on the shared split (``dp.enabled``, see
     #: :mod:`fedvit.privacy`); ``None``: it aggregates the clients' shared updates into one release.
@@ -234,17 +235,6 @@ class PersonalizedStrategy(Federation):
         """What the server itself holds beyond the model (e.g. a hypernetwork's parameters);
         merged into ``results.json`` ``resources``."""
         return {}
-
-    @classmethod
-    def check_export(cls, cfg: Any) -> None:
-        """``ConfigError`` unless the class is :attr:`exportable`."""
-        if not cls.exportable:
-            from fedvit.config import ConfigError
-
-            raise ConfigError(
-                f"method '{cfg.method.name}': the server sends each client its own parameters "
-                f"({cls.__name__}), which the checkpoint does not hold; export is not supported"
-            )
 
     @classmethod
     def check_privacy(cls, cfg: Any) -> None:

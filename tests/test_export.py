@@ -204,3 +204,30 @@ def test_a_simulated_clients_state_directory_finds_its_run_without_being_told(
     out = tmp_path / "client2.pt2"
     assert cli_main(["export", str(state_dir), "--client-id", "2", "-o", str(out)]) == 0
     assert out.is_file()
+
+
+def test_an_export_policy_holds_for_the_client_class_that_declares_it_and_its_subclasses() -> None:
+    """The default policy refuses a client that overrides an evaluation hook of the class that
+    declared the policy; a class with its own policy answers for its own hooks only."""
+    from clients.base import PartialClient
+    from fedvit.export import ExportPolicy
+
+    cfg = load_config({"method": "fedavg"})
+
+    class Adapted(PartialClient):
+        def personalize_for_eval(self, server_round: int) -> None:
+            pass
+
+    class Declared(Adapted):
+        export = ExportPolicy()  # its evaluation is its model: exported as it is
+
+    class Further(Declared):
+        def evaluate(self, parameters, config):
+            return super().evaluate(parameters, config)
+
+    PartialClient.export.check(PartialClient, cfg)
+    Declared.export.check(Declared, cfg)
+    with pytest.raises(ConfigError, match=r"\(Adapted\) overrides personalize_for_eval, so .* not supported"):
+        Adapted.export.check(Adapted, cfg)
+    with pytest.raises(ConfigError, match=r"\(Further\) overrides evaluate, so"):
+        Further.export.check(Further, cfg)
