@@ -97,6 +97,12 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
         "--engine", choices=("simulation", "inprocess"), help="default: the spec's, else simulation"
     )
     p.add_argument("--out", type=Path, metavar="DIR", help="the sweep directory (default: the spec's out)")
+    p.add_argument(
+        "--jobs",
+        metavar="N",
+        help="runs at once (default: the spec's jobs, else 1); N > 1 needs --engine inprocess and runs "
+        "each in its own process with one thread, its output in <out>/<run>/run.log",
+    )
     p.add_argument("--dry-run", action="store_true", help="check every run's config and list the runs only")
     p.set_defaults(func=_cmd_sweep)
 
@@ -111,6 +117,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         engine=args.engine,
         out=args.out,
+        jobs=args.jobs,
     )
     if args.dry_run:
         from fedvit.sweep import check

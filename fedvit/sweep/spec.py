@@ -1,5 +1,5 @@
 """A sweep's spec: what ``fedvit sweep`` is asked to run (``base``, ``grid``, ``runs``, ``seeds``,
-``engine``, ``out``; see :mod:`fedvit.sweep`), read from a YAML file or the command line and
+``engine``, ``out``, ``jobs``; see :mod:`fedvit.sweep`), read from a YAML file or the command line and
 checked key by key: every problem is a :class:`~fedvit.config.ConfigError` naming it."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from fedvit.config import OVERRIDES_KEY, RUN_CONFIG_KEYS, ConfigError
 
 ENGINES = ("simulation", "inprocess")
-SPEC_KEYS = ("base", "grid", "runs", "seeds", "engine", "out")
+SPEC_KEYS = ("base", "grid", "runs", "seeds", "engine", "out", "jobs")
 #: Run-config keys a sweep sets itself, and what to use instead.
 RESERVED = {
     "seed": "use the sweep's seeds",
@@ -45,6 +45,7 @@ class SweepSpec:
     seeds: list[int] | None = None
     engine: str = "simulation"
     out: str | None = None
+    jobs: int = 1  # runs at once (each in its own process; inprocess engine only)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +55,7 @@ class SweepSpec:
             "seeds": self.seeds,
             "engine": self.engine,
             "out": self.out,
+            "jobs": self.jobs,
         }
 
 
@@ -144,7 +146,22 @@ def spec_from_mapping(data: Mapping[str, Any]) -> SweepSpec:
     out = data.get("out")
     if out is not None and (not isinstance(out, str) or not out):
         raise ConfigError(f"sweep out: must be a directory path, got {out!r}")
-    return SweepSpec(base, grid, runs, list(seeds) if seeds is not None else None, engine, out)
+    jobs = check_jobs(data.get("jobs", 1), engine)
+    seed_list = list(seeds) if seeds is not None else None
+    return SweepSpec(base, grid, runs, seed_list, engine, out, jobs)
+
+
+def check_jobs(jobs: Any, engine: str) -> int:
+    """``jobs`` (runs at once) if it is an integer >= 1 that ``engine`` can do, else ConfigError."""
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"sweep jobs: must be an integer >= 1 (runs at once), got {jobs!r}")
+    if jobs > 1 and engine != "inprocess":
+        raise ConfigError(
+            f"sweep: --jobs {jobs} needs the inprocess engine: each simulation run starts its own Ray "
+            "cluster sized to every core of the machine, so runs at once would fight for them; "
+            "use --jobs 1 or --engine inprocess"
+        )
+    return jobs
 
 
 def _named_runs(data: Any, grid_keys: set[str]) -> list[NamedRun]:
@@ -239,9 +256,11 @@ def spec_from_args(
     seeds: Sequence[int] | None = None,
     engine: str | None = None,
     out: Path | str | None = None,
+    jobs: int | str | None = None,
 ) -> SweepSpec:
     """The spec file (if any) with the command line on top: ``base`` values win over the file's,
-    each ``--grid`` replaces that key's values, ``seeds`` / ``engine`` / ``out`` replace theirs."""
+    each ``--grid`` replaces that key's values, ``seeds`` / ``engine`` / ``out`` / ``jobs`` replace
+    theirs (``jobs``: an int, or the text of ``--jobs``)."""
     data = dict(load_spec(spec_file)) if spec_file else {}
     if base:
         data["base"] = {**_mapping(data.get("base"), "base"), **base}
@@ -256,7 +275,20 @@ def spec_from_args(
         data["engine"] = engine
     if out is not None:
         data["out"] = str(out)
+    if jobs is not None:
+        data["jobs"] = parse_jobs(jobs)
     return spec_from_mapping(data)
+
+
+def parse_jobs(value: int | str) -> int:
+    """``--jobs N``: a whole number >= 1, else one :class:`ConfigError` naming ``--jobs``."""
+    try:
+        jobs = value if isinstance(value, int) and not isinstance(value, bool) else int(str(value).strip())
+    except ValueError:
+        jobs = None
+    if jobs is None or jobs < 1:
+        raise ConfigError(f"--jobs: must be a whole number >= 1 (runs at once), got {str(value)!r}")
+    return jobs
 
 
 def out_dir_of(spec: SweepSpec) -> Path:
