@@ -81,12 +81,13 @@ class FedTPStrategy(PersonalizedStrategy):
     @dataclass
     class Options:
         generated: list[str] = field(default_factory=lambda: ["attn.qkv"])
-        embed_dim: int = 128
-        hidden: int = 150
-        n_hidden: int = 3
-        head: str = "full"  # full | basis
-        basis_size: int = 8
-        init_gain: float = 0.1
+        # the hypernetwork's sizes: HypernetConfig's defaults (FedTP's)
+        embed_dim: int = HypernetConfig.embed_dim
+        hidden: int = HypernetConfig.hidden
+        n_hidden: int = HypernetConfig.n_hidden
+        head: str = HypernetConfig.head  # full | basis
+        basis_size: int = HypernetConfig.basis_size
+        init_gain: float = HypernetConfig.init_gain
         hn_lr: float = 0.01
         hn_momentum: float = 0.9
         hn_weight_decay: float = 1e-3
@@ -111,6 +112,12 @@ class FedTPStrategy(PersonalizedStrategy):
                     "unseen_embedding", f"must be one of {UNSEEN_EMBEDDINGS}, got '{self.unseen_embedding}'"
                 )
 
+        def hypernet(self) -> HypernetConfig:
+            """The hypernetwork's sizes."""
+            return HypernetConfig(
+                self.embed_dim, self.hidden, self.n_hidden, self.head, self.basis_size, self.init_gain
+            )
+
     @classmethod
     def from_config(cls, cfg, *, model, split, **kwargs: Any):
         options = method_options(cfg)[1]
@@ -127,8 +134,7 @@ class FedTPStrategy(PersonalizedStrategy):
         o = self.options
         self.generated_shapes = {k: tuple(v.shape) for k, v in generated_init.items()}
         self.shared_shapes = {k: s for k, s in self.shared_shapes.items() if k not in self.generated_shapes}
-        hn_cfg = HypernetConfig(o.embed_dim, o.hidden, o.n_hidden, o.head, o.basis_size, o.init_gain)
-        self.hnet = WeightHypernet(self.num_clients, generated_init, hn_cfg, seed=self.seed)
+        self.hnet = WeightHypernet(self.num_clients, generated_init, o.hypernet(), seed=self.seed)
         self.optimizer = HypernetSGD(self.hnet, o.hn_lr, o.hn_momentum, o.hn_weight_decay)
         self.trained: list[int] = []  # clients whose update reached the hypernetwork
 
