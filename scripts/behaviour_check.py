@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# The code under test is this checkout's (a `git archive` copy for a baseline included), not the
+# one the venv's editable install points to: this root goes first on the import path.
+sys.path.insert(0, str(ROOT))
 ROUNDS = 2
 CLIENTS = 3
 SEED = 0
