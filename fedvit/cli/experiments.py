@@ -76,10 +76,11 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
         help="a grid of run-config values × seeds, one run directory each, one table over seeds",
-        description="Run every combination of a sweep spec (YAML: base, grid, runs, seeds, engine, out; "
-        "or the same from the command line, which wins over the file) in its own directory named from "
-        "its values; skip completed runs, continue interrupted ones from their checkpoint; a failed run "
-        "does not stop the others (exit 1 at the end). Writes sweep.json after every run, then "
+        description="Run every combination of a sweep spec (YAML: base, grid, runs, seeds, engine, out, "
+        "jobs; or the same from the command line, which wins over the file) in its own directory named "
+        "from its values, one after another or --jobs at once; skip completed runs, continue interrupted "
+        "ones from their checkpoint; a failed run does not stop the others (exit 1 at the end). Writes "
+        "sweep.json after every run starts and ends, then "
         "sweep.md / sweep.csv: mean ± std over seeds of the clients' mean test accuracy. "
         "See docs/configuration.md, 'Sweeps'.",
     )
