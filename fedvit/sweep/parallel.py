@@ -36,7 +36,10 @@ RUN_LOG = "run.log"
 _PR_SET_PDEATHSIG = 1
 
 
-@dataclass
+_NO_RESULT = object()
+
+
+@dataclass(eq=False)
 class Child:
     """One run in its own process."""
 
@@ -45,15 +48,26 @@ class Child:
     conn: Connection  # the parent's end: the child sends (ok, message) once
     log: Path
     t0: float
+    result: Any = None  # what it sent (_NO_RESULT: its end closed without a result)
 
-    def outcome(self) -> tuple[bool, str]:
-        """``(ok, message)`` of a child that has ended (joins it)."""
-        result: Any = None
-        with contextlib.suppress(EOFError, OSError):
-            if self.conn.poll():
-                result = self.conn.recv()
-        self.process.join()
+    def receive(self) -> None:
+        """Take the child's result off the pipe (call when the pipe is readable)."""
+        if self.result is None:
+            try:
+                self.result = self.conn.recv()
+            except Exception:  # EOF (it died first), or what it sent cannot be read
+                self.result = _NO_RESULT
+
+    def outcome(self, exit_grace_s: float = 30.0) -> tuple[bool, str]:
+        """``(ok, message)`` of a child that has sent its result or ended; joins it (a child that
+        does not exit ``exit_grace_s`` after its result is stopped)."""
+        if self.result is None and self.conn.poll():
+            self.receive()
+        self.process.join(exit_grace_s)
+        if self.process.is_alive():
+            stop([self])
         self.conn.close()
+        result = self.result
         if isinstance(result, tuple) and len(result) == 2:
             return bool(result[0]), str(result[1])
         code = self.process.exitcode
@@ -89,9 +103,16 @@ def start(name: str, run_fn: RunFn, run_config: dict[str, Any], log: Path) -> Ch
 
 
 def ended(children: list[Child], timeout: float | None = None) -> list[Child]:
-    """The children among ``children`` that have ended (waits up to ``timeout`` for one)."""
-    ready = set(wait([c.process.sentinel for c in children], timeout))
-    return [c for c in children if c.process.sentinel in ready]
+    """The children among ``children`` that have sent their result or ended (waits up to
+    ``timeout`` for one). Results are read as they come, so a long one never blocks its child."""
+    ready = set(wait([o for c in children for o in (c.conn, c.process.sentinel)], timeout))
+    done = []
+    for c in children:
+        if c.conn in ready:
+            c.receive()
+        if c.conn in ready or c.process.sentinel in ready:
+            done.append(c)
+    return done
 
 
 def stop(children: list[Child], grace_s: float = 10.0) -> None:
