@@ -96,9 +96,10 @@ def manifest(out: Path) -> dict[str, dict]:
     return {e["name"]: e for e in json.loads((out / "sweep.json").read_text())["runs"]}
 
 
-# --------------------------------------------------------------------------- real runs
+# --------------------------------------------------------------------------- real runs (slow)
 
 
+@pytest.mark.slow
 def test_two_at_once_give_the_same_results_as_one_at_a_time(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -172,6 +173,7 @@ STOPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", list(STOPS))
 def test_an_interrupted_parent_stops_its_children_and_a_rerun_resumes_them(
     how: str, tmp_path: Path, mark: str
