@@ -15,10 +15,11 @@ import pytest
 
 from fedvit import sweep
 from fedvit.cli import main
-from fedvit.config import ConfigError, load_config
+from fedvit.config import ConfigError, load_config, to_dict
 from fedvit.report import over_seeds, seeds_markdown
 from fedvit.sweep import (
     MAX_NAME,
+    config_diff,
     parse_grid_arg,
     plan,
     run_config,
@@ -314,6 +315,23 @@ def test_completed_runs_are_skipped_checkpointed_ones_resumed_half_written_ones_
     }
     assert manifest["method=fedper"]["resumed_after_round"] == 1
     assert any("method=fedper: continuing from its checkpoint after round 1" in m for m in messages)
+
+
+def test_a_relative_data_dir_in_the_spec_matches_the_absolute_one_a_finished_run_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedvit run` records run-config paths absolute; the spec's relative `data-dir` is the same
+    directory, so a finished run is skipped without a "config differs" note, but a really
+    different directory is still named."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    run_dir = tmp_path / "run"
+    cfg = load_config({"data-dir": "data"})
+    recorded = to_dict(load_config({"data-dir": str(tmp_path / "data")}))
+    write_result(run_dir, {**fake_result(0.5, 0.5, 0.1), "config": recorded})
+    assert config_diff(run_dir, cfg) == []
+    other = load_config({"data-dir": str(tmp_path / "elsewhere")})
+    assert config_diff(run_dir, other) == ["data.data_dir"]
 
 
 def test_a_failed_run_is_reported_and_the_rest_still_run(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvit.config import FedvitConfig, to_dict
+from fedvit.launch.runconfig import PATH_DOTKEYS
 
 #: ``(run_config, cfg) -> (ok, message)``: runs one federation to its end.
 RunFn = Callable[[dict[str, Any], FedvitConfig], tuple[bool, str]]
@@ -65,7 +66,20 @@ def config_diff(run_dir: Path, cfg: FedvitConfig) -> list[str]:
         return []
     a, b = _flat(old), _flat(to_dict(cfg))
     ignore = ("server.resume", "output.")
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(ignore))
+    return sorted(
+        k
+        for k in set(a) | set(b)
+        if _as_run(k, a.get(k)) != _as_run(k, b.get(k)) and not k.startswith(ignore)
+    )
+
+
+def _as_run(key: str, value: Any) -> Any:
+    """A local path as a run records it (absolute: ``fedvit run`` makes run-config paths absolute
+    against the caller's directory), so ``data-dir='../shared/data'`` in a spec is not reported as
+    differing from the ``/abs/shared/data`` a finished run holds."""
+    if key in PATH_DOTKEYS and isinstance(value, str) and value:
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def checkpoint_round(run_dir: Path) -> int | None:
