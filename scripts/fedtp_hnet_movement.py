@@ -17,13 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-
-def fit(final: np.ndarray, init: np.ndarray) -> tuple[float, float]:
-    """``(s, residual)``: the least-squares ``s`` of ``final ≈ s·init`` and the relative residual."""
-    a, b = init.ravel().astype(np.float64), final.ravel().astype(np.float64)
-    s = float(a @ b / (a @ a)) if a @ a > 0 else float("nan")
-    return s, float(np.linalg.norm(b - s * a) / max(np.linalg.norm(b), 1e-30))
+from hnet_fit import print_group_fits  # scripts/: shared with pfedla_hnet_movement.py
 
 
 def main(argv: list[str]) -> int:
@@ -56,11 +50,7 @@ def main(argv: list[str]) -> int:
             k for k in init if k.startswith("heads.") and k.endswith("linear.bias")
         ],
     }
-    for label, keys in rows.items():
-        fits = [fit(final[k], init[k]) for k in keys if np.linalg.norm(init[k]) > 0]
-        if fits:
-            s, r = np.array(fits).T
-            print(f"  {label:28s} s {s.min():.6f}..{s.max():.6f}   |r|/|final| {r.min():.2e}..{r.max():.2e}")
+    print_group_fits(rows, init, final)
     if len(argv) > 1:
         with np.load(Path(argv[1]) / "checkpoint" / "arrays.npz") as z:
             fedavg = {k: z[k] for k in z.files}
