@@ -78,17 +78,19 @@ def fake_engine(calls: list[str], acc: dict[str, float] | None = None):
 def test_run_names_are_stable_distinct_short_and_filesystem_safe() -> None:
     grid = {"method": ["fedavg", "fedper"], "train.lr": [0.001, 0.01]}
     runs = plan(spec_from_mapping({"grid": grid, "seeds": [0, 1]}))
+    # Every combination at the first seed before any at the second: a batch cut short has a
+    # complete one-seed table.
     assert [r.name for r in runs] == [
         "method=fedavg,lr=0.001,seed=0",
-        "method=fedavg,lr=0.001,seed=1",
         "method=fedavg,lr=0.01,seed=0",
-        "method=fedavg,lr=0.01,seed=1",
         "method=fedper,lr=0.001,seed=0",
-        "method=fedper,lr=0.001,seed=1",
         "method=fedper,lr=0.01,seed=0",
+        "method=fedavg,lr=0.001,seed=1",
+        "method=fedavg,lr=0.01,seed=1",
+        "method=fedper,lr=0.001,seed=1",
         "method=fedper,lr=0.01,seed=1",
     ]
-    assert runs[0].combo == runs[1].combo == "method=fedavg,lr=0.001"
+    assert runs[0].combo == runs[4].combo == "method=fedavg,lr=0.001"
     # Same values -> same name, whatever the order in the spec or the other values of the grid.
     reordered = spec_from_mapping({"grid": {"train.lr": [0.01, 0.001], "method": ["fedper"]}, "seeds": [1]})
     assert [r.name for r in plan(reordered)] == [
@@ -353,10 +355,12 @@ def test_a_failed_run_is_reported_and_the_rest_still_run(
     out = tmp_path / "s"
     argv = ["sweep", "--grid", "method=fedper,local,fedavg", "--seeds", "0", "1", "--engine", "inprocess"]
     assert main([*argv, "--out", str(out)]) == 1
-    assert calls == [f"method={m},seed={s}" for m in ("fedper", "local", "fedavg") for s in (0, 1)]
+    assert calls == [f"method={m},seed={s}" for s in (0, 1) for m in ("fedper", "local", "fedavg")]
     captured = capsys.readouterr()
     last = captured.err.strip().splitlines()[-1]
-    assert last.startswith("fedvit: error: 4 run(s) failed: method=fedper,seed=0, method=fedper,seed=1")
+    assert last.startswith(
+        "fedvit: error: 4 run(s) failed: method=fedper,seed=0, method=local,seed=0, method=fedper,seed=1"
+    )
     manifest = {e["name"]: e for e in json.loads((out / "sweep.json").read_text())["runs"]}
     assert manifest["method=fedper,seed=0"]["status"] == "failed"
     assert manifest["method=fedper,seed=0"]["message"] == "RuntimeError: diverged"
@@ -370,7 +374,7 @@ def test_a_failed_run_is_reported_and_the_rest_still_run(
     calls.clear()
     monkeypatch.setattr(sweep, "run_inprocess", fake_engine(calls))
     assert main([*argv, "--out", str(out)]) == 0
-    assert calls == [f"method={m},seed={s}" for m in ("fedper", "local") for s in (0, 1)]
+    assert calls == [f"method={m},seed={s}" for s in (0, 1) for m in ("fedper", "local")]
 
 
 def test_ctrl_c_marks_the_run_interrupted_and_stops_the_sweep(tmp_path: Path) -> None:
@@ -412,7 +416,7 @@ def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
         yield root / "out", spec_file, cache
 
 
-RUNS = ["method=fedavg,seed=0", "method=fedavg,seed=1", "method=fedper,seed=0", "method=fedper,seed=1"]
+RUNS = ["method=fedavg,seed=0", "method=fedper,seed=0", "method=fedavg,seed=1", "method=fedper,seed=1"]
 
 
 def test_a_real_sweep_writes_its_runs_manifest_and_table(
@@ -424,8 +428,8 @@ def test_a_real_sweep_writes_its_runs_manifest_and_table(
     assert all(r["status"] == "completed" and len(r["rounds"]) == 2 for r in results.values())
     assert [(r["method"], r["config"]["seed"]) for r in results.values()] == [
         ("fedavg", 0),
-        ("fedavg", 1),
         ("fedper", 0),
+        ("fedavg", 1),
         ("fedper", 1),
     ]
     manifest = json.loads((out / "sweep.json").read_text())

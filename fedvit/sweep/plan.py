@@ -71,19 +71,21 @@ def run_name(
 
 
 def plan(spec: SweepSpec) -> list[SweepRun]:
-    """Every run of ``spec``: explicit runs × grid combinations × seeds (in that nesting)."""
+    """Every run of ``spec``: seeds × explicit runs × grid combinations, in that nesting, so a
+    batch cut short has every method at the first seed before any method at the second (a
+    complete one-seed table first, not three seeds of a few methods)."""
     import itertools
 
     shorts = short_keys(spec.grid)
     combos = [dict(zip(spec.grid, vals, strict=True)) for vals in itertools.product(*spec.grid.values())]
     named: list[NamedRun | None] = list(spec.runs) or [None]
     runs: list[SweepRun] = []
-    for nr in named:
-        for grid_values in combos:
-            label = nr.name if nr else None
-            values = {**(nr.values if nr else {}), **grid_values}
-            combo = run_name(label, grid_values, None, shorts)
-            for seed in spec.seeds if spec.seeds is not None else [None]:
+    for seed in spec.seeds if spec.seeds is not None else [None]:
+        for nr in named:
+            for grid_values in combos:
+                label = nr.name if nr else None
+                values = {**(nr.values if nr else {}), **grid_values}
+                combo = run_name(label, grid_values, None, shorts)
                 name = run_name(label, grid_values, seed, shorts)
                 runs.append(SweepRun(name, combo, label, values, grid_values, seed))
     names = [r.name for r in runs]
