@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -128,12 +126,13 @@ from fedvit.launch.session import (
     parse_submit_json,
     strip_ansi,
 )
+from fedvit.launch.signals import Terminated as _Terminated
+from fedvit.launch.signals import deferred_signals as _deferred_signals
+from fedvit.launch.signals import signals_raise
 from fedvit.launch.superlink import (
     FLWR_ENV,
     LOCAL_CONNECTION,
     LocalSuperLink,
-    _deferred_signals,
-    _Terminated,
     bin_dir,
     flwr_env,
     flwr_executable,
@@ -225,23 +224,6 @@ __all__ = [
     "toml_value",
     "visible_gpus",
 ]
-
-
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        raise _Terminated(128 + signum)
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
 
 def run_flwr(
@@ -375,7 +357,7 @@ def run_flwr(
         else:
             print(line, file=sys.stderr, flush=True)
     try:
-        with _signals_raise(), contextlib.ExitStack() as stack:
+        with signals_raise(), contextlib.ExitStack() as stack:
             # First: should this process die by any signal, its watchdog tears the run down.
             watchdog = Watchdog.start(launcher)
             stack.callback(watchdog.release)

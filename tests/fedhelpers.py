@@ -55,3 +55,19 @@ def federate(rc: dict):
     grid = InProcessGrid(rc, rc["num-clients"])
     run_dir = run(grid, load_config(rc))
     return grid, json.loads((run_dir / "results.json").read_text()), run_dir
+
+
+#: A sweep run's tiny setting (tests/test_sweep*.py).
+SWEEP_TINY = "data.max_train_per_client=30 train.batch_size=32 output.plots=false clients.device=cpu"
+
+
+def tiny_sweep_base(cache: Path, rounds: int = 2) -> dict:
+    """A sweep's base run config: digits, 3 clients, vit-micro, 1 local epoch (seconds a run)."""
+    return {
+        "dataset": "digits",
+        "model": "vit-micro",
+        "num-clients": 3,
+        "num-server-rounds": rounds,
+        "local-epochs": 1,
+        "overrides": f"{SWEEP_TINY} data.cache_dir={cache}",
+    }

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fedhelpers import tiny_sweep_base
 
 from fedvit import sweep
 from fedvit.cli import main
@@ -28,20 +29,8 @@ from fedvit.sweep import (
     spec_from_mapping,
 )
 
-TINY = "data.max_train_per_client=30 train.batch_size=32 output.plots=false clients.device=cpu"
 SAFE_NAME = re.compile(r"[A-Za-z0-9._+=,~-]+")
 
-
-def tiny_base(cache: Path, rounds: int = 2) -> dict:
-    """Digits, 3 clients, vit-micro, 1 local epoch: a run takes seconds."""
-    return {
-        "dataset": "digits",
-        "model": "vit-micro",
-        "num-clients": 3,
-        "num-server-rounds": rounds,
-        "local-epochs": 1,
-        "overrides": f"{TINY} data.cache_dir={cache}",
-    }
 
 
 def fake_result(last: float, best: float, spread: float, status: str = "completed") -> dict:
@@ -404,7 +393,7 @@ def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDVIT_STATE_DIR", str(root / "state"))
         spec = {
-            "base": tiny_base(cache),
+            "base": tiny_sweep_base(cache),
             "grid": {"method": ["fedavg", "fedper"]},
             "seeds": [0, 1],
             "engine": "inprocess",
@@ -490,7 +479,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint_to_the_same_results(
     def spec(rounds: int):
         return spec_from_mapping(
             {
-                "base": tiny_base(cache, rounds),
+                "base": tiny_sweep_base(cache, rounds),
                 "grid": {"method": ["fedper"]},
                 "seeds": [0],
                 "engine": "inprocess",

@@ -16,26 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
+from fedhelpers import tiny_sweep_base
 from tinyapp import describe_procs, marked
 
 from fedvit.cli import main
 from fedvit.sweep import parallel, run_sweep, spec_from_mapping
 
-TINY = "data.max_train_per_client=30 train.batch_size=32 output.plots=false clients.device=cpu"
 FEDVIT = Path(sys.executable).with_name("fedvit")
 LONG = 200_000  # more than a pipe's buffer: the parent must read while the child sends
 
-
-def tiny_base(cache: Path, rounds: int = 2) -> dict:
-    """Digits, 3 clients, vit-micro, 1 local epoch: a run takes seconds."""
-    return {
-        "dataset": "digits",
-        "model": "vit-micro",
-        "num-clients": 3,
-        "num-server-rounds": rounds,
-        "local-epochs": 1,
-        "overrides": f"{TINY} data.cache_dir={cache}",
-    }
 
 
 def _completed(run_dir: Path, acc: float) -> None:
@@ -107,7 +96,7 @@ def test_two_at_once_give_the_same_results_as_one_at_a_time(
 
     cache = tmp_path / "cache"
     spec = {
-        "base": tiny_base(cache),
+        "base": tiny_sweep_base(cache),
         "grid": {"method": ["fedavg", "fedper"]},
         "seeds": [0],
         "engine": "inprocess",
@@ -180,7 +169,7 @@ def test_an_interrupted_parent_stops_its_children_and_a_rerun_resumes_them(
 ) -> None:
     out = tmp_path / "s"
     spec = {
-        "base": tiny_base(tmp_path / "cache", rounds=500),
+        "base": tiny_sweep_base(tmp_path / "cache", rounds=500),
         "grid": {"method": ["fedavg", "fedper"]},
         "engine": "inprocess",
         "out": str(out),

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +31,7 @@ from fedvit.launch.procs import (
     owns_listening_port,
     tagged_processes,
 )
+from fedvit.launch.signals import deferred_signals
 
 if TYPE_CHECKING:
     from fedvit.launch.watchdog import Watchdog
@@ -247,7 +247,7 @@ class LocalSuperLink:
     def stop(self) -> None:
         """Tear down the SuperLink and all it started. Idempotent; Ctrl-C / SIGTERM wait for it."""
         try:
-            with _deferred_signals():
+            with deferred_signals():
                 self._stop_process_tree()
         finally:
             if self._log_file is not None:
@@ -270,34 +270,6 @@ class LocalSuperLink:
 
 class _PortTaken(RunnerError):
     pass
-
-
-class _Terminated(SystemExit):
-    """SIGTERM / SIGHUP turned into an exception, so that teardown runs."""
-
-
-@contextlib.contextmanager
-def _deferred_signals() -> Iterator[None]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP until the block is done (a teardown must not be cut short).
-
-    A signal that came meanwhile is raised afterwards (``KeyboardInterrupt`` or ``SystemExit``),
-    unless an exception is on its way out already.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {sig: signal.signal(sig, lambda signum, _frame: pending.append(signum)) for sig in sigs}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    if pending:
-        if pending[0] == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise _Terminated(128 + pending[0])
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from typing import Any
 
 from fedvit import io
 from fedvit.config import CONF_DIR, FedvitConfig, load_config
+from fedvit.launch.signals import signals_raise
 from fedvit.sweep import parallel
 from fedvit.sweep.engines import (
     RunFn,
@@ -268,7 +269,7 @@ def _run_at_once(
     ``SystemExit(128 + signal)``)."""
     queue = list(enumerate(todo, 1))
     running: dict[str, tuple[parallel.Child, str, SweepRun]] = {}
-    with parallel.signals_raise():
+    with signals_raise():
         try:
             while queue or running:
                 while queue and len(running) < jobs:

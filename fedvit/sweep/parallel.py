@@ -17,10 +17,8 @@ import os
 import pickle
 import signal
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
@@ -127,25 +125,6 @@ def stop(children: list[Child], grace_s: float = 10.0) -> None:
             c.process.kill()
             c.process.join()
         c.conn.close()
-
-
-@contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """SIGTERM / SIGHUP raise ``SystemExit(128 + signal)`` meanwhile (main thread only), so that
-    the parent stops its children and records them before it exits."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
 
 def _die_with_parent(parent_pid: int) -> None:
