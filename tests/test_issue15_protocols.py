@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedvit.config import CONF_DIR, load_config
+from fedvit.config import CONF_DIR, load_config, to_dict
 from fedvit.sweep import check, load_spec, plan, spec_from_mapping
 
 SWEEPS = CONF_DIR / "sweep"
@@ -41,6 +41,7 @@ def test_every_issue15_sweep_plans_one_seeded_run_per_row_and_writes_under_outpu
         "issue15-anytime",
         "issue15-fedtp-cifar10",
         "issue15-fedtp-shakespeare",
+        "issue15-pfedla-hnlr",
         "issue15-pfedla",
     ]
     for path in specs:
@@ -108,6 +109,21 @@ def test_pfedla_is_the_papers_partition_with_the_authors_hypernetworks(
             o = cfg.method.options
             assert (o["embed_dim"], o["hidden"], o["n_layers"], o["hn_lr"]) == (100, 100, 3, 0.005), name
             assert o["heur_k"] == (2 if cfg.method.name == "heurpfedla" else 0), name
+
+
+def test_the_pfedla_extra_rows_differ_from_the_authors_run_only_in_the_labelled_hn_lr(tmp_path: Path) -> None:
+    authors = resolved("issue15-pfedla", tmp_path)["experiment=cifar10-pfedla-10,method=pfedla,seed=0"]
+    extras = resolved("issue15-pfedla-hnlr", tmp_path)
+    assert list(extras) == ["hn-lr-1,seed=0", "hn-lr-5,seed=0"]
+    for name, cfg in extras.items():
+        lr = float(name.split(",")[0].removeprefix("hn-lr-"))
+        assert cfg.method.options == {**authors.method.options, "hn_lr": lr}, name
+        mine, theirs = to_dict(cfg), to_dict(authors)
+        for d in (mine, theirs):
+            d["method"].pop("options")
+            d["output"].pop("dir"), d["output"].pop("run_name", None)
+            d["clients"].pop("state_dir", None)
+        assert mine == theirs, name
 
 
 def test_the_anytime_batch_compares_tiers_fedavg_and_the_last_head_on_one_backbone(
