@@ -35,12 +35,19 @@ def build_vit(cfg: FedvitConfig) -> VisionTransformer:
 
 def vit_kwargs(cfg: FedvitConfig) -> dict:
     """The timm ``VisionTransformer`` arguments of ``cfg``."""
-    m = cfg.model
     return dict(
         img_size=model_img_size(cfg),
-        patch_size=m.patch_size,
+        patch_size=cfg.model.patch_size,
         in_chans=cfg.data.in_chans,
         num_classes=cfg.data.num_classes,
+        **_trunk_kwargs(cfg),
+    )
+
+
+def _trunk_kwargs(cfg: FedvitConfig) -> dict:
+    """The Transformer trunk's arguments (width, depth, heads, MLP, dropout), common to both models."""
+    m = cfg.model
+    return dict(
         embed_dim=m.embed_dim,
         depth=m.depth,
         num_heads=m.num_heads,
@@ -53,18 +60,7 @@ def vit_kwargs(cfg: FedvitConfig) -> dict:
 
 def build_char_transformer(cfg: FedvitConfig) -> CharTransformer:
     """A character Transformer sized by ``cfg.model``; vocabulary ``data.num_classes``, ``data.seq_len``."""
-    m = cfg.model
-    return CharTransformer(
-        vocab_size=cfg.data.num_classes,
-        seq_len=cfg.data.seq_len,
-        embed_dim=m.embed_dim,
-        depth=m.depth,
-        num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio,
-        qkv_bias=m.qkv_bias,
-        drop_rate=m.drop_rate,
-        drop_path_rate=m.drop_path_rate,
-    )
+    return CharTransformer(vocab_size=cfg.data.num_classes, seq_len=cfg.data.seq_len, **_trunk_kwargs(cfg))
 
 
 BUILDERS = {"vit": build_vit, "char-transformer": build_char_transformer}
