@@ -185,6 +185,9 @@ def test_an_interrupted_parent_stops_its_children_and_a_rerun_resumes_them(
         text=True,
         env=env,
         start_new_session=True,  # its own process group: "Ctrl-C" goes to the whole group
+        # As in a terminal: a test run started in the background (`cmd &` in a script) passes
+        # SIGINT on ignored, and a Ctrl-C would then rightly do nothing.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 240
