@@ -22,7 +22,7 @@ from hnet_fit import print_group_fits  # scripts/: shared with pfedla_hnet_movem
 
 def main(argv: list[str]) -> int:
     from fedvit.export import config_from_yaml
-    from fedvit.hypernet import HypernetConfig, WeightHypernet
+    from fedvit.hypernet import WeightHypernet
     from fedvit.models import build_model
     from fedvit.params import parameter_groups
     from fedvit.registry import method_options
@@ -34,9 +34,8 @@ def main(argv: list[str]) -> int:
     init_model = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     groups = parameter_groups(model)
     generated = [k for g in o.generated for k in groups[g]]
-    hn_cfg = HypernetConfig(o.embed_dim, o.hidden, o.n_hidden, o.head, o.basis_size, o.init_gain)
     hnet = WeightHypernet(
-        cfg.clients.num_clients, {k: init_model[k] for k in generated}, hn_cfg, seed=cfg.seed
+        cfg.clients.num_clients, {k: init_model[k] for k in generated}, o.hypernet(), seed=cfg.seed
     )
     init = {k: v.detach().numpy() for k, v in hnet.state_dict().items()}
     with np.load(fedtp_dir / "checkpoint" / "strategy.npz") as z:

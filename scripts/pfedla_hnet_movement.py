@@ -131,17 +131,6 @@ def measure(run_dir: Path, work: Path) -> Movement:
     )
 
 
-def correlation(alpha: np.ndarray, overlap: np.ndarray) -> np.ndarray:
-    """Per layer, Pearson's r of α_ij (``[N, L, N]``) with the label overlap over i ≠ j."""
-    off = ~np.eye(alpha.shape[0], dtype=bool)
-    y = overlap[off]
-    out = []
-    for layer in range(alpha.shape[1]):
-        x = alpha[:, layer, :][off]
-        out.append(float(np.corrcoef(x, y)[0, 1]) if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan"))
-    return np.array(out)
-
-
 def relative_spread(gradient: np.ndarray) -> np.ndarray:
     """``[N, L]``: ``(max_j G_ij − min_j G_ij) / |mean_j G_ij|`` per client and layer."""
     return np.ptp(gradient, axis=2) / np.maximum(np.abs(gradient.mean(axis=2)), 1e-300)
@@ -167,8 +156,10 @@ def report(m: Movement, run_dir: Path) -> None:
     }
     print_group_fits(rows, init, final)
     moved = np.abs(m.alpha_final - m.alpha_init).max(axis=(0, 2))
-    r0 = correlation(m.alpha_init, m.overlap) if m.overlap is not None else None
-    r1 = correlation(m.alpha_final, m.overlap) if m.overlap is not None else None
+    from strategies.pfedla_alpha import layer_correlations
+
+    r0 = layer_correlations(m.alpha_init, m.overlap) if m.overlap is not None else None
+    r1 = layer_correlations(m.alpha_final, m.overlap) if m.overlap is not None else None
     print("α per layer: max |Δα| over the run; α range at init / at the checkpoint; r(α, label overlap)")
     for layer, name in enumerate(m.layers):
         a0, a1 = m.alpha_init[:, layer], m.alpha_final[:, layer]

@@ -140,14 +140,19 @@ def label_order(hists: np.ndarray | None, n: int) -> np.ndarray:
 
 
 def label_correlation(m: AlphaMatrix, overlap: np.ndarray, used: bool = False) -> dict[str, float]:
-    """Per layer, Pearson's r between α_ij and the label overlap of i and j over pairs i ≠ j
-    (NaN when either is constant there, e.g. α still uniform)."""
-    off = ~np.eye(m.num_clients, dtype=bool)
+    """Per layer name, :func:`layer_correlations` of ``m``'s α (``used``: as HeurpFedLA used it)."""
+    return dict(zip(m.layers, layer_correlations(m.alpha_used if used else m.alpha, overlap), strict=True))
+
+
+def layer_correlations(alpha: np.ndarray, overlap: np.ndarray) -> list[float]:
+    """Per layer of ``alpha`` (``[N, L, N]``), Pearson's r between α_ij and the label overlap of
+    i and j over pairs i ≠ j (NaN when either is constant there, e.g. α still uniform)."""
+    off = ~np.eye(alpha.shape[0], dtype=bool)
     y = overlap[off]
-    out: dict[str, float] = {}
-    for name in m.layers:
-        x = m.layer(name, used)[off]
-        out[name] = float(np.corrcoef(x, y)[0, 1]) if np.ptp(x) > 0 and np.ptp(y) > 0 else math.nan
+    out: list[float] = []
+    for layer in range(alpha.shape[1]):
+        x = alpha[:, layer, :][off]
+        out.append(float(np.corrcoef(x, y)[0, 1]) if np.ptp(x) > 0 and np.ptp(y) > 0 else math.nan)
     return out
 
 
