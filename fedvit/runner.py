@@ -93,6 +93,7 @@ from fedvit.launch.ray_cluster import (
     cluster_paths,
     parse_ray_address,
 )
+from fedvit.launch.ray_head import RayHeadSpec
 from fedvit.launch.runconfig import (
     PATH_DOTKEYS,
     PATH_KEYS,
@@ -245,6 +246,7 @@ def run_flwr(
     log_sink: TextIO | None = None,
     progress: Callable[[str], None] | None = None,
     status_timeout_s: float = 120.0,
+    private_ray_head: bool = True,
 ) -> RunOutcome:
     """Run a Flower app to its end and report its final status.
 
@@ -257,7 +259,11 @@ def run_flwr(
     head (``ray start --head``) for the simulation to join, so clients run on all its nodes
     (Flower's RayBackend calls ``ray.init()``, which reads :data:`RAY_ADDRESS_VAR`); default
     ``$RAY_ADDRESS``, else a private Ray instance on this machine. The cluster is checked first
-    (:func:`check_ray_cluster`). ``flwr_home``: the ``FLWR_HOME`` to use (local runs: the
+    (:func:`check_ray_cluster`). ``private_ray_head``: for a local simulation without ``ray_address``,
+    start that private Ray instance as a head of its own at the same time as the SuperLink
+    (:mod:`fedvit.launch.ray_head`: the client workers then start while the ServerApp sets up)
+    instead of letting Flower start it after the ServerApp; ``init-args-num-cpus/gpus`` size
+    the head. ``flwr_home``: the ``FLWR_HOME`` to use (local runs: the
     private one the runner writes, kept afterwards; default a temp dir).
     ``gpus_per_client``: Ray's GPU share per simulated client (Ray hides the GPUs from clients
     that get none); ``None`` = auto: for a fedvit app whose ``clients.device`` is not ``cpu`` and
@@ -334,6 +340,7 @@ def run_flwr(
         _say_cluster(cluster, fed, say)
     if local and prepared.cfg is not None:
         env_extra = {**local_simulation_env(cpus_per_client), **env_extra}
+    head = RayHeadSpec.take_from(fed) if local and ray_address is None and private_ray_head else None
     if prepared.output_dir is not None:
         say(f"results will go to {prepared.output_dir}")
     args = ["run", str(app)]
@@ -366,11 +373,14 @@ def run_flwr(
             if local:
                 say("starting a private SuperLink ...")
                 link = stack.enter_context(
-                    local_superlink(flwr_home=flwr_home, env_extra=env_extra, cwd=here, watchdog=watchdog)
+                    local_superlink(
+                        flwr_home=flwr_home, env_extra=env_extra, cwd=here, watchdog=watchdog, ray_head=head
+                    )
                 )
                 env, connection = link.env(), link.connection
                 outcome.superlink = f"{connection} ({link.address}, started here)"
-                say(f"SuperLink up at {link.address} (state in {link.workdir})")
+                head_text = "" if link.ray_head is None else f"; Ray head at {link.ray_head.address}"
+                say(f"SuperLink up at {link.address} (state in {link.workdir}{head_text})")
             else:
                 link = None
                 env = flwr_env(flwr_home, env_extra)

@@ -25,6 +25,7 @@ from tinyapp import describe_procs, marked
 from fedvit import runner
 from fedvit.config import ConfigError
 from fedvit.launch import prepare, procs, session, superlink
+from fedvit.launch.ray_head import PrivateRayHead, RayHeadSpec
 from fedvit.runner import (
     RESERVED_PORTS,
     STATUS_COMPLETED,
@@ -591,11 +592,51 @@ def test_reap_orphans_also_finds_renamed_processes_by_tag_and_by_parent() -> Non
             p.wait()
 
 
+def test_a_private_ray_head_takes_the_ray_sizes_out_of_the_federation_config() -> None:
+    fed = {"num-supernodes": 4, "init-args-num-cpus": 3, "init-args-num-gpus": 1}
+    fed["init-args-logging-level"] = "INFO"
+    spec = RayHeadSpec.take_from(fed)
+    assert spec == RayHeadSpec(num_cpus=3, num_gpus=1)
+    # Ray refuses sizes from a driver that joins a running head; the rest still goes to Flower
+    assert fed == {"num-supernodes": 4, "init-args-logging-level": "INFO"}
+    cmd = PrivateRayHead(Path("/tmp/r"), Path("/tmp/log"), spec).command("ray", 40001, 40002)
+    assert cmd[:4] == ["ray", "start", "--head", "--block"]
+    assert {"--port=40001", "--ray-client-server-port=40002", "--num-cpus=3", "--num-gpus=1"} <= set(cmd)
+    assert "--temp-dir=/tmp/r" in cmd and "--include-dashboard=false" in cmd
+    plain = PrivateRayHead(Path("/tmp/r"), Path("/tmp/log")).command("ray", 40001, 40002)
+    assert not any(a.startswith(("--num-cpus", "--num-gpus")) for a in plain)  # Ray detects, as ray.init()
+
+
+def test_a_ray_head_that_cannot_start_raises_with_its_log_and_stops_the_superlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mark: str
+) -> None:
+    broken = tmp_path / "ray"
+    broken.write_text("#!/bin/sh\necho 'ray: cannot start the head' >&2\nexit 4\n")
+    broken.chmod(0o755)
+    real = superlink.flwr_executable
+    monkeypatch.setattr(superlink, "flwr_executable", lambda n: str(broken) if n == "ray" else real(n))
+    link = LocalSuperLink(tmp_path / "w", cwd=tmp_path, ray_head=RayHeadSpec())
+    with pytest.raises(RunnerError, match=r"(?s)Ray head exited with code 4.*cannot start the head"):
+        link.start()
+    assert link.process is not None and link.process.poll() is not None  # the SuperLink went with it
+    assert marked(mark) == [], describe_procs(marked(mark))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_superlinks_start_side_by_side_and_teardown_leaves_nothing(tmp_path: Path, mark: str) -> None:
-    with local_superlink(cwd=tmp_path) as one, local_superlink(cwd=tmp_path) as two:
+    with (
+        local_superlink(cwd=tmp_path, ray_head=RayHeadSpec()) as one,
+        local_superlink(cwd=tmp_path, ray_head=RayHeadSpec()) as two,
+    ):
         assert one.port != two.port
+        assert one.ray_head is not None and two.ray_head is not None
+        assert one.ray_head.port != two.ray_head.port  # two runs at once never share Ray's defaults
+        for link in (one, two):
+            assert link.ray_head is not None
+            assert link.env()["RAY_ADDRESS"] == link.ray_head.address  # what flwr-simulation inherits
+            link.ray_head.wait_ready()  # start() returns while the head may still be starting
+            assert any("raylet" in c for c in describe_procs(link.processes()))
         for link in (one, two):
             with urllib.request.urlopen(f"http://{link.address}/health", timeout=5) as resp:
                 assert resp.status == 200
@@ -604,7 +645,14 @@ def test_superlinks_start_side_by_side_and_teardown_leaves_nothing(tmp_path: Pat
             cmds = describe_procs(link.processes())
             assert any("flower-superlink" in c for c in cmds), cmds
             assert any("flower-superexec" in c for c in cmds), cmds
-            assert all(proc_environ(p.pid).get(runner.TAG_VAR) == link.tag for p in link.processes())
+            # Ray's own processes rename themselves (setproctitle), which can hide their environment:
+            # they are found as the head's descendants; everything else by the tag
+            ray_pids = {p.pid for p in link.ray_head.processes()} - {link.ray_head.process.pid}
+            assert all(
+                proc_environ(p.pid).get(runner.TAG_VAR) == link.tag
+                for p in link.processes()
+                if p.pid not in ray_pids
+            )
         first_procs, first_dir, first_port = one.processes(), one.workdir, one.port
         one.stop()
         # the first one is gone, process group and all; the second is untouched
@@ -647,6 +695,10 @@ def test_run_completes_with_absolute_paths_and_leaves_nothing(
     assert result["label"] == "it's a \\ test"
     assert "ROUND 2/2" in log.getvalue() and "\x1b[" not in log.getvalue()
     assert any("submitted" in m for m in messages)
+    # the simulation joined the private Ray head started beside the SuperLink
+    head = [m.split("Ray head at ")[1].rstrip(")") for m in messages if "Ray head at " in m]
+    assert len(head) == 1, messages
+    assert result["ray_gcs"].split(":")[-1] == head[0].split(":")[-1]
     assert marked(mark) == [], describe_procs(marked(mark))
 
 
@@ -654,7 +706,16 @@ def test_run_completes_with_absolute_paths_and_leaves_nothing(
 @pytest.mark.timeout(180)
 def test_timeout_stops_the_run_and_leaves_nothing(tiny_app: Path, tmp_path: Path, mark: str) -> None:
     t0 = time.monotonic()
-    outcome = run_flwr(tiny_app, {"sleep": 120.0}, num_supernodes=2, cwd=tmp_path, timeout_s=15, stream=False)
+    # Flower's own Ray start (no private head): its teardown leaves nothing either
+    outcome = run_flwr(
+        tiny_app,
+        {"sleep": 120.0},
+        num_supernodes=2,
+        cwd=tmp_path,
+        timeout_s=15,
+        stream=False,
+        private_ray_head=False,
+    )
     assert outcome.status == "timeout" and outcome.returncode == 124 and not outcome.ok
     assert time.monotonic() - t0 < 40
     assert marked(mark) == [], describe_procs(marked(mark))
@@ -710,7 +771,8 @@ def _start_sleeping_run(
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # signals go to the launcher alone
     )
-    _wait_for_cmd(mark, "raylet", 90)  # the simulation runs, with its Ray cluster
+    _wait_for_cmd(mark, "raylet", 90)  # the run's Ray head (started beside the SuperLink) is up
+    _wait_for_cmd(mark, "flwr-simulation", 60)  # and the simulation runs
     link = [p for p in marked(mark) if "flower-superlink" in " ".join(describe_procs([p]))]
     assert len(link) == 1, describe_procs(marked(mark))
     env = proc_environ(link[0].pid)

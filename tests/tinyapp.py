@@ -67,6 +67,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -94,6 +95,8 @@ def main(grid: Grid, context: Context) -> None:
             "cwd": os.getcwd(),
             "output-dir": cfg["output-dir"],
             "label": cfg["label"],
+            # the Ray instance the simulation (this process) joined or started
+            "ray_gcs": ray.get_runtime_context().gcs_address if ray.is_initialized() else None,
         }
         (out / "result.json").write_text(json.dumps(record))
 """

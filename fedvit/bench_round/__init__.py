@@ -121,6 +121,7 @@ def round_bench(
     bound_measure_s: float = 8.0,
     floor_rounds_: int | None = None,
     scaling: bool = True,
+    private_ray_head: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure one setting (see the module doc); the report as a JSON-ready dict.
@@ -200,6 +201,7 @@ def round_bench(
                 stream=False,
                 progress=say,
                 env_extra={TRACE_ENV: str(trace_dir)},
+                private_ray_head=private_ray_head,
             )
         wall = time.time() - t_call
         records = read_traces(trace_dir)
@@ -238,6 +240,7 @@ def round_bench(
             "app": str(app),
             "N": n,
             "supernodes": supernodes or simulation_workers(n, 1),  # simulated SuperNodes of the run
+            "private_ray_head": private_ray_head,
             "rounds": len(times),
             "train_messages_per_round": train_msgs,
             "eval_messages_per_round": eval_msgs,

@@ -158,6 +158,12 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         help="round: do not time the steps with every core busy (the bound's all_cores_busy diagnostic)",
     )
     p.add_argument(
+        "--no-ray-head",
+        action="store_true",
+        help="round: let Flower start the simulation's Ray instance after the ServerApp, as `flwr run` "
+        "does, instead of fedvit run's private Ray head started beside the SuperLink",
+    )
+    p.add_argument(
         "--supernodes",
         type=int,
         metavar="W",
@@ -188,6 +194,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         skip_floor=args.skip_floor,
         skip_bound=args.skip_bound,
         scaling=not args.skip_scaling,
+        private_ray_head=not args.no_ray_head,
         supernodes=args.supernodes,
         timeout_s=args.timeout,
         bound_measure_s=args.bound_seconds,

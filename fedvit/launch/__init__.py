@@ -7,6 +7,8 @@
 - :mod:`~fedvit.launch.procs`: processes seen in ``/proc``, the tags every runner-started process
   carries, killing them, reaping what a dead launcher left.
 - :mod:`~fedvit.launch.superlink`: the private SuperLink and its teardown.
+- :mod:`~fedvit.launch.ray_head`: the private Ray head a local simulation joins, started beside
+  the SuperLink.
 - :mod:`~fedvit.launch.ray_cluster`: checks of a running Ray cluster a simulation joins.
 - :mod:`~fedvit.launch.session`: submit, stream the log, poll the final status (``flwr`` CLI).
 - :mod:`~fedvit.launch.watchdog`: the process that tears a run down when its launcher dies.

@@ -333,6 +333,11 @@ class _Session:
         try:
             cmd = [flwr_executable("flwr"), "log", outcome.run_id, self.connection, "--stream"]
             pump = _LogPump(cmd, self.env, self.cwd, sink)
+            if self.link is not None and self.link.ray_head is not None:
+                # started beside the SuperLink, joined by the simulation as soon as it is up: a head
+                # that fails is reported here, with its log, not as the driver's connection timeout
+                left = _remaining(self.deadline)
+                self.link.ray_head.wait_ready(timeout_s=120.0 if left is None else max(0.0, min(120.0, left)))
             # The log stream ends when the run ends (or the SuperLink goes away).
             if not pump.wait(_remaining(self.deadline)):
                 self.timeout(outcome)

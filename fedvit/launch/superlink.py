@@ -1,5 +1,6 @@
 """A private ``flower-superlink --simulation`` for one run: free port, own ``FLWR_HOME``, own
-database and Ray temp dir, torn down with everything it started (:class:`LocalSuperLink`)."""
+database and Ray temp dir, optionally its own Ray head started beside it
+(:mod:`fedvit.launch.ray_head`), torn down with everything it started (:class:`LocalSuperLink`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from fedvit.launch.procs import (
     owns_listening_port,
     tagged_processes,
 )
+from fedvit.launch.ray_cluster import RAY_ADDRESS_VAR
+from fedvit.launch.ray_head import PrivateRayHead, RayHeadSpec
 from fedvit.launch.signals import deferred_signals
 
 if TYPE_CHECKING:
@@ -84,8 +87,13 @@ class LocalSuperLink:
     """A private ``flower-superlink --simulation`` on a free loopback port.
 
     ``workdir`` holds ``flwr-home/config.toml`` (one connection, :data:`LOCAL_CONNECTION`),
-    ``state.db``, ``superlink.log`` and the Ray temp dir. Use as a context manager; :meth:`stop`
-    tears down the SuperLink and every process that inherited its tag.
+    ``state.db``, ``superlink.log`` and the Ray temp dir. ``ray_head``: also start a private Ray
+    head of that size, at the same time as the SuperLink, and point the simulation at it
+    (``RAY_ADDRESS`` in the SuperLink's environment); :meth:`start` returns when the SuperLink is
+    up and the head still starting or up (``ray.init`` in ``flwr-simulation`` waits for it; the
+    runner checks it with :meth:`PrivateRayHead.wait_ready` once the run is submitted).
+    Use as a context manager; :meth:`stop` tears down the SuperLink, the head and every process
+    that inherited its tag.
     """
 
     def __init__(
@@ -97,6 +105,7 @@ class LocalSuperLink:
         env_extra: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
         startup_timeout_s: float = 60.0,
+        ray_head: RayHeadSpec | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.flwr_home = Path(flwr_home) if flwr_home is not None else self.workdir / "flwr-home"
@@ -110,6 +119,11 @@ class LocalSuperLink:
         self.ray_tmp = self.workdir / "r"  # short: Ray's unix sockets live below it
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
+        self.ray_head = (
+            None
+            if ray_head is None
+            else PrivateRayHead(self.ray_tmp, self.workdir / "ray-head.log", ray_head)
+        )
 
     # -- addresses
     @property
@@ -133,6 +147,14 @@ class LocalSuperLink:
         self.ray_tmp.mkdir(parents=True, exist_ok=True)
         exe = flwr_executable("flower-superlink")
         tried: set[int] = set()
+        if self.ray_head is not None:
+            try:
+                self.ray_head.spawn(flwr_executable("ray"), self._tagged_env(), self.cwd, exclude=tried)
+            except BaseException:
+                self.stop()
+                raise
+            tried.add(self.ray_head.port or 0)
+            self.env_extra[RAY_ADDRESS_VAR] = self.ray_head.address
         last_error = ""
         for _attempt in range(3):
             port = find_free_port(self.host, exclude=tried)
@@ -148,16 +170,27 @@ class LocalSuperLink:
                 self.stop()
                 raise
             self._write_connection()
+            if self.ray_head is not None:
+                try:
+                    self.ray_head.check_alive()  # its start goes on; the run's driver waits for it
+                except BaseException:
+                    self.stop()
+                    raise
             return self
         self.stop()
         raise RunnerError(f"flower-superlink did not start: {last_error}")
 
-    def _spawn(self, exe: str, port: int) -> None:
-        self.port = port
+    def _tagged_env(self) -> dict[str, str]:
+        """The environment of the processes this SuperLink owns (found and killed by its tag)."""
         env = self.env()
         env[TAG_VAR] = self.tag
         env[LAUNCHER_VAR] = self.env_extra.get(LAUNCHER_VAR) or launcher_id()  # see fedvit.launch.procs
         env["RAY_TMPDIR"] = str(self.ray_tmp)
+        return env
+
+    def _spawn(self, exe: str, port: int) -> None:
+        self.port = port
+        env = self._tagged_env()
         cmd = [
             exe,
             "--insecure",
@@ -226,6 +259,9 @@ class LocalSuperLink:
         if self.process is not None:
             for p in descendants(self.process.pid):
                 procs.setdefault(p.pid, p)
+        if self.ray_head is not None:
+            for p in self.ray_head.processes():
+                procs.setdefault(p.pid, p)
         procs.pop(os.getpid(), None)
         return list(procs.values())
 
@@ -236,7 +272,13 @@ class LocalSuperLink:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 if os.getpgid(self.process.pid) != os.getpgid(0):
                     os.killpg(self.process.pid, signal.SIGTERM)
+        if self.ray_head is not None:
+            # At once, no grace: Ray's processes hold nothing to save (the ServerApp writes its
+            # results and checkpoints atomically) and would use up the whole SIGTERM grace.
+            self.ray_head.kill_now()
         kill_until_gone(self.processes, grace_s=grace_s)
+        if self.ray_head is not None:
+            self.ray_head.reap()
         if self.process is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 if self.process.poll() is None:
@@ -280,12 +322,14 @@ def local_superlink(
     cwd: str | Path | None = None,
     keep_workdir: bool = False,
     watchdog: Watchdog | None = None,
+    ray_head: RayHeadSpec | None = None,
 ) -> Iterator[LocalSuperLink]:
     """A started :class:`LocalSuperLink` in a fresh temp dir, torn down (and the dir removed) on exit.
 
     ``watchdog``: the launcher's (:mod:`fedvit.launch.watchdog`); it removes the dir too if the
-    launcher dies. Without ``keep_workdir`` the SuperLink's processes name the dir
-    (:data:`~fedvit.launch.procs.WORKDIR_VAR`), so that a later run reaps it with them.
+    launcher dies. ``ray_head``: see :class:`LocalSuperLink`. Without ``keep_workdir`` the
+    SuperLink's processes name the dir (:data:`~fedvit.launch.procs.WORKDIR_VAR`), so that a later
+    run reaps it with them.
     """
     # Under /tmp, short: Ray's unix socket paths must stay below ~107 characters.
     workdir = Path(tempfile.mkdtemp(prefix="fedvit-", dir="/tmp" if os.path.isdir("/tmp") else None))
@@ -293,7 +337,7 @@ def local_superlink(
         env_extra = {**(env_extra or {}), WORKDIR_VAR: str(workdir)}
         if watchdog is not None:
             watchdog.remove_on_death(workdir)
-    link = LocalSuperLink(workdir, flwr_home=flwr_home, env_extra=env_extra, cwd=cwd)
+    link = LocalSuperLink(workdir, flwr_home=flwr_home, env_extra=env_extra, cwd=cwd, ray_head=ray_head)
     try:
         link.start()
         yield link
