@@ -226,7 +226,20 @@ def _fake_flwr(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> list[list
         out = answers.pop(0) if len(answers) > 1 else answers[0]
         return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
 
+    class FakePrimed:
+        """A primed ``flwr`` whose calls are recorded as "primed ARGS"."""
+
+        def __init__(self, env: object, cwd: object) -> None:
+            pass
+
+        def run(self, args: list[str], env: object, timeout: float) -> subprocess.CompletedProcess[str]:
+            return fake(["primed", *args], env, None, timeout)
+
+        def close(self) -> None:
+            pass
+
     monkeypatch.setattr(session, "_flwr", fake)
+    monkeypatch.setattr(session, "PrimedFlwr", FakePrimed)
     monkeypatch.setattr(session.time, "sleep", lambda _s: None)
     return calls
 
@@ -247,7 +260,9 @@ def test_final_status_is_polled_until_final(monkeypatch: pytest.MonkeyPatch) -> 
         1,
         False,
     )
-    assert len(calls) == 3 and calls[0] == ["ls", "--run-id", "42", "c", "--format", "json"]
+    ls = ["ls", "--run-id", "42", "c", "--format", "json"]
+    # each query after the first runs in a flwr CLI started while waiting (no cold start per poll)
+    assert calls == [ls, ["primed", *ls], ["primed", *ls]]
 
     _fake_flwr(monkeypatch, [_ls("finished:completed")])
     outcome = runner.RunOutcome(run_id="42", status="submitted", details="", returncode=1)

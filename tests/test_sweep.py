@@ -32,7 +32,6 @@ from fedvit.sweep import (
 SAFE_NAME = re.compile(r"[A-Za-z0-9._+=,~-]+")
 
 
-
 def fake_result(last: float, best: float, spread: float, status: str = "completed") -> dict:
     acc = {"n": 3, "mean": last, "std": spread}
     return {

@@ -26,7 +26,6 @@ FEDVIT = Path(sys.executable).with_name("fedvit")
 LONG = 200_000  # more than a pipe's buffer: the parent must read while the child sends
 
 
-
 def _completed(run_dir: Path, acc: float) -> None:
     test_acc = {"n": 3, "mean": acc, "std": 0.0}
     summary = {"last_round": {"test_acc": test_acc}, "best_val_round": {"test_acc": test_acc}}
