@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from fedvit.config import RUN_CONFIG_KEYS, ConfigError, FedvitConfig
+from fedvit.config import RUN_CONFIG_KEYS, ConfigError, FedvitConfig, model_input_shape
 
 #: Parameter names whose shape may differ from a pretrained file's (a new classification head).
 HEAD_KEYS = ("head.", "exit_head.")
@@ -138,9 +138,8 @@ def _check_class_names(cfg: FedvitConfig, source: Any) -> None:
 def _check_samples(cfg: FedvitConfig, name: str, split: Any) -> None:
     """The first and last samples of ``split`` through the transform, against the model's input."""
     from fedvit.data import dataset_factory
-    from fedvit.models import example_input
 
-    want = tuple(example_input(cfg).shape[1:])
+    want = model_input_shape(cfg)  # not through fedvit.models: importing timm costs seconds here
     dataset = dataset_factory(cfg)(split, np.array([0, len(split) - 1]))
     for i in range(len(dataset)):
         try:

@@ -196,3 +196,11 @@ def fingerprint(obj: Any) -> str:
 def model_img_size(cfg: FedvitConfig) -> int:
     """The side length images are resized to for the model."""
     return cfg.model.img_size if cfg.model.img_size is not None else cfg.data.image_size
+
+
+def model_input_shape(cfg: FedvitConfig) -> tuple[int, ...]:
+    """One model input's shape: ``(seq_len,)`` character indices or ``(in_chans, side, side)``."""
+    if cfg.model.arch == "char-transformer":
+        return (cfg.data.seq_len,)
+    size = model_img_size(cfg)
+    return (cfg.data.in_chans, size, size)

@@ -117,11 +117,14 @@ def _flwr(
 
 
 #: The ``flwr`` console script (``flwr.cli.app:app``), imported ahead of time: it waits for one line
-#: ``{"argv": [...], "env": {...}}`` on stdin, then runs as ``flwr ARGV`` would in that environment.
+#: ``{"argv": [...], "env": {...}}`` on stdin, then runs as ``flwr ARGV`` would in that environment
+#: (the app's FAB from the same files, collected faster: :mod:`fedvit.launch.fab`).
 #: An empty stdin (the runner went away) ends it.
 _PRIMED_FLWR = """
 import json, os, sys
 from flwr.cli.app import app
+from fedvit.launch.fab import install
+install()  # `flwr run` collects the app's files without walking .venv and other dropped dirs
 line = sys.stdin.readline()
 if not line.strip():
     sys.exit(0)

@@ -12,7 +12,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from fedvit.config import ConfigError, FedvitConfig, model_img_size
+from fedvit.config import ConfigError, FedvitConfig, model_img_size, model_input_shape
 from fedvit.models.char import CharTransformer
 from fedvit.models.prefix import add_prefixes
 from fedvit.params import parameter_groups
@@ -68,10 +68,8 @@ BUILDERS = {"vit": build_vit, "char-transformer": build_char_transformer}
 
 def example_input(cfg: FedvitConfig, batch: int = 1) -> torch.Tensor:
     """Zeros shaped and typed as ``batch`` model inputs: float images or ``int64`` character indices."""
-    if cfg.model.arch == "char-transformer":
-        return torch.zeros((batch, cfg.data.seq_len), dtype=torch.int64)
-    size = model_img_size(cfg)
-    return torch.zeros((batch, cfg.data.in_chans, size, size))
+    dtype = torch.int64 if cfg.model.arch == "char-transformer" else torch.float32
+    return torch.zeros((batch, *model_input_shape(cfg)), dtype=dtype)
 
 
 TIMM_PREFIX = "timm:"
