@@ -16,7 +16,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedvit.config import FedvitConfig, load_config, to_dict, to_yaml
 from fedvit.evaluation import resource_counts
-from fedvit.models import build_model, example_input
 from fedvit.params import ParameterSplit, count, get_arrays
 from fedvit.preflight import check_server
 from fedvit.registry import get_client, get_strategy
@@ -45,6 +44,11 @@ def run_directory(cfg: FedvitConfig) -> tuple[Path, str]:
 def run(grid: Grid, cfg: FedvitConfig) -> Path:
     """Run the whole federation for ``cfg``; returns the run directory."""
     from logging import INFO
+
+    # Here, not at the top: in a simulation Flower loads the ClientApp in this process before it
+    # starts Ray's workers, and its imports wait for the ServerApp module's; timm (~2 s of
+    # imports) is not among the ClientApp's, so the workers start that much earlier.
+    from fedvit.models import build_model, example_input
 
     check_server(grid, cfg)  # data, partition, model checked before any client is asked (local data only)
     run_dir, run_name = run_directory(cfg)
