@@ -33,3 +33,17 @@ def test_a_failed_warm_up_is_logged_not_raised(monkeypatch, caplog) -> None:
     monkeypatch.setattr(warmup, "WARM_MODULES", ("fedvit.no_such_module",))
     warmup.warm_up()
     assert "warm-up import of the ClientApp failed" in caplog.text
+
+
+def test_the_server_and_client_app_modules_load_without_the_model_builders() -> None:
+    # flwr-simulation loads the ClientApp in the ServerApp's process before it starts Ray's
+    # workers, and that load waits for the ServerApp module's imports: neither may pull in timm
+    # (seconds of imports) at load time; the ServerApp imports it when it runs.
+    code = (
+        "import json, sys\n"
+        "import fedvit.server_app, fedvit.client_app\n"
+        "print(json.dumps({'timm': 'timm' in sys.modules, 'torch': 'torch' in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"timm": False, "torch": True}  # torch at the ClientApp's top
