@@ -276,8 +276,8 @@ def run_flwr(
     one-line messages (SuperLink started, run submitted ...). ``status_timeout_s``: give up after
     this long without an answer to ``flwr ls``.
 
-    Config problems raise :class:`ConfigError` before anything starts; a SuperLink that does not
-    come up raises :class:`RunnerError`; Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM/SIGHUP
+    Config problems raise :class:`ConfigError` before anything starts; a SuperLink or private Ray head
+    that does not come up raises :class:`RunnerError`; Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM/SIGHUP
     ``SystemExit(128 + signal)``, after teardown. Everything else is in the :class:`RunOutcome`.
     Should this process die without teardown (SIGKILL ...), its watchdog does it; leftovers of
     launchers that died with their watchdog are reaped first, in one line to ``progress`` (else
