@@ -639,6 +639,29 @@ def test_a_ray_head_that_cannot_start_raises_with_its_log_and_stops_the_superlin
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_a_superlink_that_retries_another_port_keeps_its_ray_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mark: str
+) -> None:
+    real, calls = LocalSuperLink._wait_healthy, []
+
+    def first_port_taken(self: LocalSuperLink) -> None:
+        calls.append(self.port)
+        if len(calls) == 1:
+            raise superlink._PortTaken(f"port {self.port} taken")
+        real(self)
+
+    monkeypatch.setattr(LocalSuperLink, "_wait_healthy", first_port_taken)
+    with local_superlink(cwd=tmp_path, ray_head=RayHeadSpec()) as link:
+        assert len(calls) == 2 and calls[0] != calls[1]
+        assert link.ray_head is not None and link.ray_head.process is not None
+        assert link.ray_head.process.poll() is None  # the retry spared the head the SuperLink points at
+        assert link.env()["RAY_ADDRESS"] == link.ray_head.address
+        link.ray_head.wait_ready()
+    assert marked(mark) == [], describe_procs(marked(mark))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_superlinks_start_side_by_side_and_teardown_leaves_nothing(tmp_path: Path, mark: str) -> None:
     with (
         local_superlink(cwd=tmp_path, ray_head=RayHeadSpec()) as one,

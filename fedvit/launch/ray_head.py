@@ -28,12 +28,10 @@ from typing import Any
 
 from fedvit.launch.errors import RunnerError
 from fedvit.launch.procs import Proc, descendants, find_free_port, kill_processes
+from fedvit.launch.ray_cluster import CLUSTER_REFUSED_KEYS
 
 #: The line ``ray start`` prints once GCS, raylet and agents are up.
 READY_LINE = "Ray runtime started"
-#: ``--federation-config`` keys that size a Ray instance: with a private head they size the head
-#: (Ray refuses them from a driver that joins a running cluster).
-HEAD_SIZE_KEYS = {"init-args-num-cpus": "--num-cpus", "init-args-num-gpus": "--num-gpus"}
 
 
 @dataclass(frozen=True)
@@ -47,8 +45,8 @@ class RayHeadSpec:
     def take_from(cls, fed: dict[str, Any]) -> RayHeadSpec:
         """The head's sizes, removed from the federation config ``fed`` (they would make Flower's
         ``ray.init`` fail against a running head)."""
-        sizes = {key: fed.pop(key) for key in list(HEAD_SIZE_KEYS) if key in fed}
-        return cls(sizes.get("init-args-num-cpus"), sizes.get("init-args-num-gpus"))
+        cpus_key, gpus_key = CLUSTER_REFUSED_KEYS  # Ray refuses them from a driver that joins a head
+        return cls(fed.pop(cpus_key, None), fed.pop(gpus_key, None))
 
 
 class PrivateRayHead:
@@ -134,18 +132,15 @@ class PrivateRayHead:
         tree = self.processes()  # before the kill: orphans are no longer anyone's descendants
         self.signal_group(signal.SIGKILL)
         kill_processes(tree, grace_s=0.0)
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)  # reaped: no zombie left behind
 
     def signal_group(self, sig: int) -> None:
         """Signal the head's session (its own process group) while ``ray start`` lives."""
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, sig)
-
-    def reap(self) -> None:
-        if self.process is not None:
-            self.signal_group(signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=5)
 
     def _log(self) -> str:
         try:

@@ -142,17 +142,22 @@ class LocalSuperLink:
 
     # -- life cycle
     def start(self) -> LocalSuperLink:
+        """Start (the head, then) the SuperLink; on any failure everything started is torn down."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.ray_tmp.mkdir(parents=True, exist_ok=True)
         exe = flwr_executable("flower-superlink")
         tried: set[int] = set()
         if self.ray_head is not None:
-            try:
-                self.ray_head.spawn(flwr_executable("ray"), self._tagged_env(), self.cwd, exclude=tried)
-            except BaseException:
-                self.stop()
-                raise
+            self.ray_head.spawn(flwr_executable("ray"), self._tagged_env(), self.cwd, exclude=tried)
             tried.add(self.ray_head.port or 0)
             self.env_extra[RAY_ADDRESS_VAR] = self.ray_head.address
         last_error = ""
@@ -164,20 +169,12 @@ class LocalSuperLink:
                 self._wait_healthy()
             except _PortTaken as err:
                 last_error = str(err)
-                self._stop_process_tree()
+                self._stop_process_tree(keep_head=True)  # the next port's SuperLink joins the same head
                 continue
-            except BaseException:
-                self.stop()
-                raise
             self._write_connection()
             if self.ray_head is not None:
-                try:
-                    self.ray_head.check_alive()  # its start goes on; the run's driver waits for it
-                except BaseException:
-                    self.stop()
-                    raise
-            return self
-        self.stop()
+                self.ray_head.check_alive()  # its start goes on; the run's driver waits for it
+            return
         raise RunnerError(f"flower-superlink did not start: {last_error}")
 
     def _tagged_env(self) -> dict[str, str]:
@@ -265,20 +262,27 @@ class LocalSuperLink:
         procs.pop(os.getpid(), None)
         return list(procs.values())
 
-    def _stop_process_tree(self, grace_s: float = 3.0) -> None:
+    def _stop_process_tree(self, grace_s: float = 3.0, keep_head: bool = False) -> None:
         # The SuperLink's own group first (it was started in a new session: pgid == pid),
         # then every tagged process wherever it lives; repeat while new ones show up.
+        # ``keep_head``: spare the private Ray head (its processes carry the tag too).
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 if os.getpgid(self.process.pid) != os.getpgid(0):
                     os.killpg(self.process.pid, signal.SIGTERM)
-        if self.ray_head is not None:
+        head = self.ray_head
+        if head is not None and not keep_head:
             # At once, no grace: Ray's processes hold nothing to save (the ServerApp writes its
             # results and checkpoints atomically) and would use up the whole SIGTERM grace.
-            self.ray_head.kill_now()
-        kill_until_gone(self.processes, grace_s=grace_s)
-        if self.ray_head is not None:
-            self.ray_head.reap()
+            head.kill_now()
+
+        def find() -> list[Proc]:
+            if head is None or not keep_head:
+                return self.processes()
+            spared = {p.pid for p in head.processes()}
+            return [p for p in self.processes() if p.pid not in spared]
+
+        kill_until_gone(find, grace_s=grace_s)
         if self.process is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 if self.process.poll() is None:
