@@ -14,7 +14,11 @@ Messages (what crosses the wire):
   personalized by the server) and ``config`` (``server-round``, ``run-name``, ``run-key``,
   ``client-id``; asynchronous runs add ``slowdown``, a simulated device speed). Reply
   ``arrays`` (shared parameters only) and ``metrics``
-  (``num-examples``, ``client-id``, ``train-loss`` ...).
+  (``num-examples``, ``client-id``, ``train-loss`` ...). A *pipelined* ``train`` message
+  (``strategies.pipeline``) also carries the previous round's evaluation of this client:
+  ``eval-config`` (and ``eval-arrays`` when they differ from ``arrays``); the client evaluates
+  first, with its private state as that round left it, then trains, and the reply adds
+  ``eval-metrics`` (what an ``evaluate`` reply's ``metrics`` would hold, checked alike).
 * ``evaluate``: same content; reply ``metrics`` only (``test-acc``, ``val-acc`` ...).
 
 Every reply passes the allowlist of :mod:`fedvit.boundary` before it is sent: anything beyond the
@@ -60,7 +64,16 @@ from fedvit.params import ParameterSplit
 from fedvit.registry import get_client
 from fedvit.state import PrivateStore, default_state_dir
 from fedvit.training import resolve_device
-from fedvit.wire import DESCRIBE, VIRTUAL_WORKER, pack_client_info, to_numpy, to_record
+from fedvit.wire import (
+    DESCRIBE,
+    EVAL_ARRAYS,
+    EVAL_CONFIG,
+    EVAL_METRICS,
+    VIRTUAL_WORKER,
+    pack_client_info,
+    to_numpy,
+    to_record,
+)
 
 app = ClientApp()
 
@@ -223,7 +236,15 @@ def setup_for(context: Context, client_id: int, config: Mapping[str, Any]) -> It
 @contextmanager
 def make_client(message: Message, context: Context) -> Iterator[Any]:
     """The method's client for ``message`` (its model returns to the pool when the block ends)."""
-    with client_setup(message, context) as setup:
+    with client_for(_config_dict(message), context) as client:
+        yield client
+
+
+@contextmanager
+def client_for(config: Mapping[str, Any], context: Context) -> Iterator[Any]:
+    """The method's client for a message with this ``config`` (see :func:`make_client`)."""
+    client_id = client_identity(context, client_config(context), config)
+    with setup_for(context, client_id, config) as setup:
         yield get_client(setup.cfg.method.client)(setup)
 
 
@@ -240,8 +261,9 @@ def _config_dict(message: Message) -> dict[str, Any]:
     return dict(record) if record is not None else {}
 
 
-def _received(message: Message, client) -> list:
-    record = message.content.array_records.get("arrays", ArrayRecord())
+def _received(message: Message, client, record_name: str = "arrays") -> list:
+    """The shared arrays of ``message``'s record ``record_name``, in the client's split order."""
+    record = message.content.array_records.get(record_name, ArrayRecord())
     arrays = to_numpy(record)
     expected = set(client.split.shared)
     if set(arrays) != expected:
@@ -322,8 +344,14 @@ def describe(setup: ClientSetup, histograms: bool = False) -> dict[str, Any]:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Local training; replies with the shared split only."""
+    """Local training; replies with the shared split only. A pipelined message
+    (:data:`~fedvit.wire.EVAL_CONFIG` in it) first evaluates, as an ``evaluate`` message of the
+    round before would, and its reply adds :data:`~fedvit.wire.EVAL_METRICS`."""
     config = _config_dict(message)
+    evaluated = None
+    if EVAL_CONFIG in message.content.config_records:
+        eval_arrays = EVAL_ARRAYS if EVAL_ARRAYS in message.content.array_records else "arrays"
+        evaluated = _evaluation(message, dict(message.content[EVAL_CONFIG]), context, eval_arrays)
     started = time.perf_counter()
     with _traced("train", config), make_client(message, context) as client:
         params, num_examples, metrics = client.fit(_received(message, client), config)
@@ -334,18 +362,26 @@ def train(message: Message, context: Context) -> Message:
     reply = MetricRecord({**metrics, "num-examples": num_examples, "client-id": client_id})
     content = RecordDict({"arrays": arrays, "metrics": reply})
     check_reply(content, allowed)
+    if evaluated is not None:  # checked as an evaluate reply by _evaluation
+        content[EVAL_METRICS] = evaluated
     return Message(content, reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate this client's personalized model on its own val and test splits."""
-    config = _config_dict(message)
-    with _traced("evaluate", config), make_client(message, context) as client:
-        loss, num_examples, metrics = client.evaluate(_received(message, client), config)
+    metrics = _evaluation(message, _config_dict(message), context, "arrays")
+    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+
+def _evaluation(message: Message, config: dict[str, Any], context: Context, record: str) -> MetricRecord:
+    """The ``metrics`` of an evaluate reply for ``message``'s arrays ``record`` and ``config``,
+    checked against the evaluate allowlist. Its own client: nothing it does to the model or its
+    state reaches a training that follows in the same message."""
+    with _traced("evaluate", config), client_for(config, context) as client:
+        loss, num_examples, metrics = client.evaluate(_received(message, client, record), config)
         client_id = client.client_id
         allowed = _allowlist(EVALUATE, client.setup)
     reply = MetricRecord({**metrics, "loss": loss, "num-examples": num_examples, "client-id": client_id})
-    content = RecordDict({"metrics": reply})
-    check_reply(content, allowed)
-    return Message(content, reply_to=message)
+    check_reply(RecordDict({"metrics": reply}), allowed)
+    return reply

@@ -25,6 +25,12 @@ NUMPY_STYPE = "numpy.ndarray"
 #: ``strategies.base`` asks).
 VIRTUAL_WORKER, DESCRIBE = "virtual-worker", "describe-clients"
 
+#: Records of a *pipelined* ``train`` message (``strategies.pipeline``): the evaluation of the round
+#: before rides on it. ``eval-config`` is that evaluation's config, ``eval-arrays`` its arrays when
+#: they differ from the training ones; the client evaluates first, then trains, and its reply adds
+#: ``eval-metrics`` (what an ``evaluate`` reply's ``metrics`` would hold).
+EVAL_CONFIG, EVAL_ARRAYS, EVAL_METRICS = "eval-config", "eval-arrays", "eval-metrics"
+
 
 @lru_cache(maxsize=4096)
 def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:

@@ -16,7 +16,10 @@ What crosses the wire each round:
   except in the last round and the ``eval_full_rounds``) gets :meth:`evaluate_arrays` (by default
   what training would send), combines them with its private ones and reports its personalized
   model's test and validation metrics; per-client numbers are kept, and each round is marked
-  ``full`` or ``sampled``.
+  ``full`` or ``sampled``. With ``server.pipeline_evaluation`` (the default) a round's evaluation
+  goes out in the next round's training exchange: a client in both gets one ``train`` message
+  that also carries its ``eval-config`` (and ``eval-arrays`` when they differ from its training
+  arrays) and replies ``eval-metrics`` too (:mod:`strategies.pipeline`).
 
 A round is a value (:mod:`strategies.rounds`): ``configure_*`` returns the messages and a
 :class:`RoundPlan` of what was sent, and the base hands that plan to :meth:`check_update`,
@@ -52,6 +55,7 @@ from fedvit.results import RunRecorder
 from fedvit.wire import to_numpy, to_record
 from strategies.checkpoint import read_checkpoint, write_checkpoint
 from strategies.federation import Federation, virtual_address
+from strategies.pipeline import PendingRound, evaluation_metrics, fuse, split
 from strategies.reporting import eval_record, progress_line
 from strategies.rounds import (
     ARRAYS,
@@ -118,6 +122,7 @@ class PersonalizedStrategy(Federation):
         run_name: str = "run",
         recorder: RunRecorder | None = None,
         checkpoint_dir: Path | None = None,
+        pipeline_evaluation: bool = True,
     ) -> None:
         min_available = min_available_clients if min_available_clients is not None else num_clients
         super().__init__(
@@ -129,6 +134,9 @@ class PersonalizedStrategy(Federation):
         self.schedule = EvalSchedule.of(eval_every, eval_fraction, eval_min_clients, eval_full_rounds, seed)
         self.seed = seed
         self.checkpoint_dir = checkpoint_dir
+        #: Whether a round's evaluation goes out in the next round's training exchange
+        #: (:mod:`strategies.pipeline`); ``server.pipeline_evaluation``.
+        self.pipeline_evaluation = pipeline_evaluation
         self.num_rounds = 0
 
     @classmethod
@@ -153,6 +161,7 @@ class PersonalizedStrategy(Federation):
             run_name=run_name,
             recorder=recorder,
             checkpoint_dir=run_dir / "checkpoint" if cfg.server.checkpoint else None,
+            pipeline_evaluation=cfg.server.pipeline_evaluation,
             **kwargs,
         )
         if recorder is not None:
@@ -367,7 +376,7 @@ class PersonalizedStrategy(Federation):
         """Record every client's evaluation and the statistics over clients."""
         per_client: dict[int, dict[str, float]] = {}
         for msg in replies.ok:
-            metrics = dict(msg.content[METRICS])
+            metrics = evaluation_metrics(msg)
             cid = int(metrics.pop("client-id", self.node_to_client.get(msg.metadata.src_node_id, -1)))
             per_client[cid] = self.client_eval_metrics(cid, metrics, plan.sent.get(cid))
         if not per_client or self.recorder is None:
@@ -437,39 +446,61 @@ class PersonalizedStrategy(Federation):
 
     def run_rounds(self, run: Run, arrays: ArrayRecord, start_round: int) -> Result:
         """The rounds, synchronously: per round, discover new nodes, configure -> exchange ->
-        aggregate training, then :meth:`finish_round`."""
+        aggregate training, then evaluate and close it (:meth:`close_round`). With
+        :attr:`pipeline_evaluation` a round's evaluation goes out in the next round's training
+        exchange (:mod:`strategies.pipeline`); otherwise in an exchange of its own right away."""
         grid, timeout, result = run.grid, run.timeout, Result()
+        pending: PendingRound | None = None
+        closed = time.time()
         for rnd in range(start_round, self.num_rounds + 1):
-            t0 = time.time()
             self.discover(grid, timeout)  # nodes that joined since
             messages, plan = self.configure_train(rnd, arrays, run.train_config, grid)
-            arrays, train_metrics = self.aggregate_train(plan, self.exchange(grid, messages, timeout))
+            if pending is None:
+                train_replies = self.exchange(grid, messages, timeout)
+            else:  # the previous round's evaluation rides along
+                replies = self.exchange(grid, fuse(messages, pending.messages), timeout)
+                train_replies, eval_replies = split(replies, plan.addresses(), pending.plan.addresses())
+                closed = self.close_round(pending, eval_replies, result, closed)
+            arrays, train_metrics = self.aggregate_train(plan, train_replies)
             result.arrays = arrays
             result.train_metrics_clientapp[rnd] = train_metrics
-            eval_metrics = self.finish_round(rnd, arrays, run.evaluate_config, grid, timeout, result)
-            self._progress(rnd, train_metrics, eval_metrics, time.time() - t0)
+            pending = self.open_round(rnd, arrays, run.evaluate_config, grid, train_metrics)
+            if not (self.pipeline_evaluation and pending.messages and rnd < self.num_rounds):
+                closed = self.close_round(pending, self.evaluate_now(pending, run), result, closed)
+                pending = None
         result.arrays = arrays
         return result
 
-    def finish_round(
-        self,
-        rnd: int,
-        arrays: ArrayRecord,
-        evaluate_config: ConfigRecord,
-        grid: Grid,
-        timeout: float,
-        result: Result,
-    ) -> MetricRecord | None:
-        """Evaluate (when due), close the round in the results and checkpoint."""
-        eval_metrics = None
+    def open_round(
+        self, rnd: int, arrays: ArrayRecord, evaluate_config: ConfigRecord, grid: Grid, train: MetricRecord
+    ) -> PendingRound:
+        """Round ``rnd``, aggregated into ``arrays``, with its evaluation configured (when due)."""
         messages, plan = self.configure_evaluate(rnd, arrays, evaluate_config, grid)
-        if messages:
-            eval_metrics = self.aggregate_evaluate(plan, self.exchange(grid, messages, timeout))
+        return PendingRound(rnd, arrays, messages, plan, train)
+
+    def evaluate_now(self, pending: PendingRound, run: Run) -> Replies:
+        """The replies to ``pending``'s evaluation messages, in an exchange of their own."""
+        return self.exchange(run.grid, pending.messages, run.timeout) if pending.messages else Replies([], [])
+
+    def close_round(self, pending: PendingRound, replies: Replies, result: Result, since: float) -> float:
+        """:meth:`finish_round`, then the round's log line (``since``: when the round started, or the
+        one before closed); returns the time it closed."""
+        eval_metrics = self.finish_round(pending, replies, result)
+        now = time.time()
+        self._progress(pending.server_round, pending.train_metrics, eval_metrics, now - since)
+        return now
+
+    def finish_round(self, pending: PendingRound, replies: Replies, result: Result) -> MetricRecord | None:
+        """Record the round's evaluation (``replies`` to its messages), end the round in the
+        results and checkpoint it."""
+        rnd, eval_metrics = pending.server_round, None
+        if pending.messages:
+            eval_metrics = self.aggregate_evaluate(pending.plan, replies)
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics
         if self.recorder is not None:
             self.recorder.end_round(rnd)
-        self.save_checkpoint(rnd, arrays)
+        self.save_checkpoint(rnd, pending.arrays)
         return eval_metrics
 
     def _progress(

@@ -30,8 +30,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedvit.results import RunRecorder
-from fedvit.wire import DESCRIBE, VIRTUAL_WORKER, unpack_client_info
+from fedvit.wire import DESCRIBE, EVAL_CONFIG, VIRTUAL_WORKER, unpack_client_info
 from strategies.rounds import CONFIG, METRICS, Replies, RoundFailedError
+
+
+#: A trained example's cost in evaluated ones, for ordering an exchange that holds both (forward,
+#: backward and step against a forward: 1.147 / 0.372 ms per image for the tiny ViT of
+#: docs/experiments.md, issue 14).
+TRAIN_EXAMPLE_COST = 3.0
 
 
 def virtual_address(client_id: int) -> int:
@@ -171,12 +177,16 @@ class Federation:
     # ------------------------------------------------------------------ routing and exchanges
 
     def message_cost(self, msg: Message) -> float:
-        """Expected work of a message, for scheduling: the client's training examples for
-        ``train``, its validation and test examples for ``evaluate`` (1 when unknown)."""
+        """Expected work of a message, for scheduling, in evaluated examples: the client's
+        validation and test examples for ``evaluate``; for ``train`` its training examples, each
+        :data:`TRAIN_EXAMPLE_COST` evaluated ones, plus its evaluation when a pipelined message
+        carries one (1 when unknown)."""
         info = self.client_info.get(self.node_to_client.get(msg.metadata.dst_node_id, -1), {})
-        if msg.metadata.message_type == MessageType.TRAIN:
-            return float(info.get("num_train", 1) or 1)
-        return float((info.get("num_val", 0) or 0) + (info.get("num_test", 0) or 0) or 1)
+        evaluation = float((info.get("num_val", 0) or 0) + (info.get("num_test", 0) or 0))
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return evaluation or 1.0
+        carried = evaluation if EVAL_CONFIG in msg.content.config_records else 0.0
+        return TRAIN_EXAMPLE_COST * float(info.get("num_train", 1) or 1) + carried
 
     def route(self, grid: Grid, messages: list[Message]) -> dict[int, int]:
         """Send each virtual client's message to a live worker; returns ``id(message) -> address``.
@@ -242,21 +252,22 @@ class Federation:
         else:  # a grid that leaves message ids unset: match replies by their source (devices only)
             sources = {r.metadata.src_node_id for r in replies}
             unanswered = [addresses[id(m)] for m in sent if m.metadata.dst_node_id not in sources]
-        ok, failures = [], []
+        out = Replies([], [])
         for msg in replies:
             if msg.has_error():
                 self._failed(
                     by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id),
                     msg.error.reason,
-                    failures,
+                    out,
                 )
             else:
-                ok.append(msg)
+                out.ok.append(msg)
         for node in unanswered:
-            self._failed(node, f"no reply within {timeout:g}s", failures)
-        return Replies(ok, failures)
+            self._failed(node, f"no reply within {timeout:g}s", out)
+        return out
 
-    def _failed(self, node: int, reason: str, failures: list[str]) -> None:
+    def _failed(self, node: int, reason: str, replies: Replies) -> None:
         who = f"client {self.node_to_client.get(node, '?')} (node {node})"
-        failures.append(f"{who}: {reason}")
+        replies.failures.append(f"{who}: {reason}")
+        replies.failed.append(node)
         log(WARNING, "%s failed: %s", who, reason)

@@ -260,8 +260,8 @@ class AsyncFFGGStrategy(FFGGStrategy):
             max(stale, default=0),
             self.version,
         )
-        eval_metrics = self.finish_round(rnd, arrays, run.evaluate_config, run.grid, run.timeout, result)
-        self._progress(rnd, train, eval_metrics, time.time() - t0)
+        pending = self.open_round(rnd, arrays, run.evaluate_config, run.grid, train)
+        self.close_round(pending, self.evaluate_now(pending, run), result, t0)
         return arrays
 
     @staticmethod

@@ -74,6 +74,10 @@ class RoundPlan:
     live: int  #: clients that could take part when the round was configured
     note: Mapping[str, Any] = field(default_factory=dict)  #: round-wide method state (pFedLA: versions)
 
+    def addresses(self) -> set[int]:
+        """The addresses of the clients sent a message."""
+        return {s.address for s in self.sent.values()}
+
     @property
     def sampled(self) -> bool:
         """Whether only a sample of the live clients was asked."""
@@ -87,6 +91,7 @@ class Replies:
 
     ok: list[Message]
     failures: list[str]
+    failed: list[int] = field(default_factory=list)  #: the address of each failure, in order
 
 
 @dataclass

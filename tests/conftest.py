@@ -91,19 +91,38 @@ def train_replies(capture_replies: Replies) -> list:
     return capture_replies.train
 
 
-@pytest.fixture
-def received(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, dict[str, Any]]]:
-    """Every train/evaluate message the ClientApp receives (in-process): (kind, client id, arrays)."""
-    from fedvit import client_app
+class Received(list):
+    """(kind, client id, arrays) of every training and evaluation a client is asked for, in the
+    order it does them (a pipelined ``train`` message: its evaluation, then its training);
+    ``evaluations``: (server round, client id) of each evaluation."""
 
-    seen: list[tuple[str, int, dict[str, Any]]] = []
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluations: list[tuple[int, int]] = []
+
+
+@pytest.fixture
+def received(monkeypatch: pytest.MonkeyPatch) -> Received:
+    """Every training and evaluation the ClientApp is asked for (in-process), see :class:`Received`."""
+    from fedvit import client_app
+    from fedvit.wire import EVAL_ARRAYS, EVAL_CONFIG
+
+    seen = Received()
     original = client_app.app.__call__
 
+    def numpy_of(record) -> dict[str, Any]:
+        return {k: v.numpy() for k, v in record.items()}
+
     def spy(self, message, context):
-        kind = message.metadata.message_type
+        kind, content, cid = message.metadata.message_type, message.content, client_of(message, context)
+        if kind == "train" and EVAL_CONFIG in content.config_records:
+            record = content.array_records.get(EVAL_ARRAYS, content.array_records["arrays"])
+            seen.append(("evaluate", cid, numpy_of(record)))
+            seen.evaluations.append((int(content[EVAL_CONFIG]["server-round"]), cid))
         if kind in ("train", "evaluate"):
-            arrays = {k: v.numpy() for k, v in message.content.array_records["arrays"].items()}
-            seen.append((kind, client_of(message, context), arrays))
+            seen.append((kind, cid, numpy_of(content.array_records["arrays"])))
+            if kind == "evaluate":
+                seen.evaluations.append((int(content["config"]["server-round"]), cid))
         return original(message, context)
 
     monkeypatch.setattr(type(client_app.app), "__call__", spy)

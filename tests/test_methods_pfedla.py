@@ -230,8 +230,9 @@ def test_clients_receive_and_train_on_the_aggregate_not_their_stored_model(
     assert results["resources"]["hypernetwork_params"] > 0
     layers = aggregation_layers(build_model(load_config(run_config(tmp_path))), list(received[0][2]))
     replied = {cid: {k: v.numpy() for k, v in r.content["arrays"].items()} for cid, r in train_replies[:3]}
-    evaluated = {cid: a for kind, cid, a in received[3:6] if kind == "evaluate"}
-    second = {cid: a for kind, cid, a in received[6:9] if kind == "train"}
+    # round 1's evaluations and round 2's trainings (one pipelined message per client)
+    evaluated = {cid: a for kind, cid, a in received[3:9] if kind == "evaluate"}
+    second = {cid: a for kind, cid, a in received[3:9] if kind == "train"}
     assert sorted(second) == sorted(evaluated) == [0, 1, 2]
     for cid in range(3):
         for key in second[cid]:  # evaluation after round 1 used the θ̄_i that round 2 trains on

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 
 from fedvit.inprocess import InProcessGrid
 from fedvit.results import RunRecorder
+from fedvit.wire import EVAL_ARRAYS, EVAL_CONFIG, EVAL_METRICS
 from strategies.base import (
     ClientUpdate,
     Payload,
@@ -39,10 +40,16 @@ def numpy_client(behaviour: dict[int, str] | None = None, seen: dict | None = No
                 reply_to=msg,
             )
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        pipelined = kind == "train" and EVAL_CONFIG in msg.content.config_records
         if seen is not None:
+            if pipelined:  # the evaluation it carries comes first
+                record = msg.content.array_records.get(EVAL_ARRAYS, msg.content["arrays"])
+                seen.setdefault("evaluate", []).append(
+                    (cid, {k: v.numpy().copy() for k, v in record.items()})
+                )
             seen.setdefault(kind, []).append((cid, {k: v.copy() for k, v in arrays.items()}))
-        if kind == "evaluate":
-            m = {
+        evaluation = MetricRecord(
+            {
                 "client-id": cid,
                 "test-acc": 0.1 * (cid + 1),
                 "test-loss": 1.0,
@@ -52,7 +59,9 @@ def numpy_client(behaviour: dict[int, str] | None = None, seen: dict | None = No
                 "num-val": 2,
                 "num-examples": 5 * (cid + 1),
             }
-            return Message(RecordDict({"metrics": MetricRecord(m)}), reply_to=msg)
+        )
+        if kind == "evaluate":
+            return Message(RecordDict({"metrics": evaluation}), reply_to=msg)
         mode = behaviour.get(cid)
         if mode == "raise":
             raise RuntimeError("disk full")
@@ -65,7 +74,10 @@ def numpy_client(behaviour: dict[int, str] | None = None, seen: dict | None = No
             out["w"] = np.zeros(3, np.float32)
         metrics = MetricRecord({"client-id": cid, "num-examples": 10 * (cid + 1), "train-loss": 0.5})
         record = ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in out.items()})
-        return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
+        content = RecordDict({"arrays": record, "metrics": metrics})
+        if pipelined:
+            content[EVAL_METRICS] = evaluation
+        return Message(content, reply_to=msg)
 
     return app
 

@@ -5,7 +5,8 @@ One setting (a run config, as for ``fedvit run``) is measured in three steps, on
 1. **The real federation**: :func:`fedvit.runner.run_flwr` (private SuperLink, Ray simulation,
    ``client-resources-num-cpus=1``). Round ``r`` takes ``elapsed_s[r] - elapsed_s[r-1]`` of the
    run's ``results.json`` (``elapsed_s`` counts from the ServerApp's recorder start, so round 1
-   also holds discovery); the **steady round** is the median of rounds >= 2. While the run goes,
+   also holds discovery); the **steady round** is the median of rounds >= 2 (pipelined evaluation:
+   but the last, whose window holds its evaluation alone, :func:`round_windows`). While the run goes,
    a sampler thread reads ``/proc`` every ``SAMPLE_S`` seconds: the summed RSS of every process the
    run started (the descendants of this process and every process tagged with the
    runner's ``FEDVIT_RUNNER_TAG``: SuperLink, SuperExec, ServerApp, Ray, its workers, the ``flwr``
@@ -71,7 +72,10 @@ __all__ = [
     "images_per_client_round",
     "read_traces",
     "round_bench",
+    "pipelined",
     "round_times",
+    "round_windows",
+    "steady_rounds",
     "step_costs",
     "worker_usage",
 ]
@@ -81,6 +85,32 @@ def round_times(results: Mapping[str, Any]) -> list[float]:
     """Seconds of each round from ``results.json``'s cumulative ``elapsed_s``."""
     elapsed = [r["elapsed_s"] for r in results["rounds"]]
     return [round(b - a, 3) for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
+
+
+def pipelined(results: Mapping[str, Any]) -> bool:
+    """Whether the run sent each round's evaluation with the next round's training."""
+    return bool(results.get("config", {}).get("server", {}).get("pipeline_evaluation", False))
+
+
+def round_windows(results: Mapping[str, Any]) -> list[tuple[list[int], list[int]]]:
+    """The clients trained and evaluated inside each round's window (from the round before
+    closing to this one closing). Unpipelined: the round's own. Pipelined, round r's window holds
+    round r+1's training with round r's evaluation (round 1's also round 1's training, the last
+    round's its evaluation alone)."""
+    trained = [list(r.get("train", {}).get("clients", [])) for r in results["rounds"]]
+    evaluated = [[int(c) for c in r.get("eval", {}).get("per_client", {})] for r in results["rounds"]]
+    if not pipelined(results):
+        return list(zip(trained, evaluated, strict=True))
+    shifted = [*trained[1:], []]
+    shifted[0] = trained[0] + shifted[0]
+    return list(zip(shifted, evaluated, strict=True))
+
+
+def steady_rounds(results: Mapping[str, Any]) -> slice:
+    """The rounds whose window holds one round's work (one training, one evaluation): rounds >= 2,
+    and with pipelined evaluation not the last (:func:`round_windows`)."""
+    n = len(results["rounds"])
+    return slice(1, n - 1 if pipelined(results) else n)
 
 
 def _git(app: Path) -> dict[str, Any]:
@@ -152,10 +182,12 @@ def round_bench(
     given = dict(run_config)
     prepared = prepare_run_config(app, given)  # unknown keys, bad values: ConfigError now
     cfg: FedvitConfig = prepared.cfg
-    if cfg.server.num_rounds < 2:
+    least = 3 if cfg.server.pipeline_evaluation else 2
+    if cfg.server.num_rounds < least:
         raise ConfigError(
-            f"bench round: num-server-rounds must be >= 2 (steady round = median of rounds >= 2), "
-            f"got {cfg.server.num_rounds}"
+            f"bench round: num-server-rounds must be >= {least} (steady round = median of rounds >= 2"
+            + (", but the last: pipelined evaluation" if least == 3 else "")
+            + f"), got {cfg.server.num_rounds}"
         )
     if cfg.server.resume:
         raise ConfigError("bench round: 'resume' is not supported (it measures a fresh run)")
@@ -213,7 +245,8 @@ def round_bench(
         kept_run_dir = str(prepared.output_dir) if given.get("output-dir") else None
 
     times = round_times(results)
-    steady = _median(times[1:])
+    steady_of = steady_rounds(results)
+    steady = _median(times[steady_of])
     first_elapsed = results["rounds"][0]["elapsed_s"]
     if watcher.recorder_t0 is not None:
         rec_t0, startup_source = watcher.recorder_t0, "results.json mtime - elapsed_s (sub-second)"
@@ -223,15 +256,17 @@ def round_bench(
     startup = rec_t0 + first_elapsed - t_call
 
     # messages and images per round (observed client lists; expected = share of all N clients)
-    steady_rounds = results["rounds"][1:]
-    train_msgs = _median([len(r.get("train", {}).get("clients", [])) for r in steady_rounds])
+    windows = round_windows(results)[steady_of]
+    train_msgs = _median([len(tr) for tr, _ in windows])
     eval_msgs = _median(
         [
             len(r.get("eval", {}).get("per_client", {})) + len(r.get("eval", {}).get("failures", []))
-            for r in steady_rounds
+            for r in results["rounds"][steady_of]
         ]
     )
-    messages = train_msgs + eval_msgs
+    # a pipelined message carries a training and an evaluation: Flower carries fewer messages
+    messages = _median([len(set(tr) | set(ev)) for tr, ev in windows]) if pipelined(results) else None
+    messages = train_msgs + eval_msgs if messages is None else messages
     report: dict[str, Any] = {
         "bench": "round",
         "date": datetime.now().isoformat(timespec="seconds"),
@@ -242,6 +277,8 @@ def round_bench(
             "supernodes": supernodes or simulation_workers(n, 1),  # simulated SuperNodes of the run
             "private_ray_head": private_ray_head,
             "rounds": len(times),
+            "pipelined_evaluation": pipelined(results),
+            "steady_rounds": [r["round"] for r in results["rounds"][steady_of]],
             "train_messages_per_round": train_msgs,
             "eval_messages_per_round": eval_msgs,
             "messages_per_round": messages,
@@ -303,9 +340,9 @@ def round_bench(
         t_tr, t_ev = costs["train_s_per_image"], costs["eval_s_per_image"]
         bound = bound_seconds(img_train, img_eval, t_tr, t_ev, cores)
         per_round = []
-        for r in results["rounds"]:
-            tr = sum(sizes[c]["train"] for c in r.get("train", {}).get("clients", []))
-            ev = sum(sizes[int(c)]["eval"] for c in r.get("eval", {}).get("per_client", {}))
+        for trained, evaluated in round_windows(results):
+            tr = sum(sizes[c]["train"] for c in trained)
+            ev = sum(sizes[c]["eval"] for c in evaluated)
             per_round.append(round(bound_seconds(tr, ev, t_tr, t_ev, cores), 3))
         report["bound_s"] = rounded(bound)
         report["bound"] = {
@@ -343,7 +380,9 @@ def round_bench(
         "slots": slots,
         "how": "each ClientApp message's wall and CPU time (fedvit.worker.traced) inside each round's "
         "window; round - bound = above_bound_work_s + waiting_in_message_s + idle_per_slot_s",
-        "steady": {k: rounded(_median([u[k] for u in usage[1:] if u[k] is not None])) for k in numeric},
+        "steady": {
+            k: rounded(_median([u[k] for u in usage[steady_of] if u[k] is not None])) for k in numeric
+        },
         "per_round": usage,
         "first_message_after_call_s": rounded(min(r["t0"] for r in records) - t_call) if records else None,
         "discovery_messages": sum(r["kind"] in ("query", "describe") for r in records),

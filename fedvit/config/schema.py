@@ -60,6 +60,9 @@ class ServerConfig:
     # multiple of eval_every); the last round always is.
     eval_full_rounds: list[int] = field(default_factory=list)
     round_timeout: float = 3600.0
+    # A round's evaluation is sent with the next round's training, in one exchange (the same
+    # messages' work, one barrier a round instead of two: strategies.pipeline); false: its own.
+    pipeline_evaluation: bool = True
     checkpoint: bool = True
     resume: str | None = None  # a run directory (outputs/<run>) to continue
 
