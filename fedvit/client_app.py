@@ -7,7 +7,8 @@ Messages (what crosses the wire):
   client adds in ``describe``; ``train-hist`` / ``test-hist`` only when the run asks for them and
   the device agrees (:func:`fedvit.boundary.histograms_asked`)}; the server builds its node ->
   client map from it. A **virtual worker** (a simulated node with only Flower's own node config)
-  replies {``virtual-worker``: 1}; asked again with ``describe-clients`` = [ids] it replies the
+  replies {``virtual-worker``: its 1-based place among the simulated nodes (Flower's
+  ``partition-id`` + 1)}; asked again with ``describe-clients`` = [ids] it replies the
   same facts for each listed client as lists (``clients``, ``num-train`` ...; histograms one
   after the other).
 * ``train``: content ``arrays`` (the shared parameters by state-dict name, possibly
@@ -285,7 +286,8 @@ def identify(message: Message, context: Context) -> Message:
     worker says so, and describes the clients listed in ``describe-clients`` when asked."""
     config = _config_dict(message)
     if is_virtual_worker(context):
-        metrics: dict[str, Any] = {VIRTUAL_WORKER: 1}
+        # its place among the simulated nodes, 1-based: Flower queues their messages in that order
+        metrics: dict[str, Any] = {VIRTUAL_WORKER: 1 + int(context.node_config.get("partition-id", 0))}
         ids = [int(c) for c in config.get(DESCRIBE, [])]
         with _traced("describe" if ids else "query", config):
             rows, allowed = _describe_many(context, ids) if ids else ([], None)

@@ -33,7 +33,6 @@ from fedvit.results import RunRecorder
 from fedvit.wire import DESCRIBE, EVAL_CONFIG, VIRTUAL_WORKER, unpack_client_info
 from strategies.rounds import CONFIG, METRICS, Replies, RoundFailedError
 
-
 #: A trained example's cost in evaluated ones, for ordering an exchange that holds both (forward,
 #: backward and step against a forward: 1.147 / 0.372 ms per image for the tiny ViT of
 #: docs/experiments.md, issue 14).
@@ -60,7 +59,8 @@ class Federation:
         self.run_key = f"{run_name}-{uuid.uuid4().hex[:8]}"
         self.recorder = recorder
         self.node_to_client: dict[int, int] = {}  # address (a device's node, or virtual_address) -> client
-        self.workers: list[int] = []  # simulated nodes that serve virtual clients
+        self.workers: list[int] = []  # simulated nodes that serve virtual clients, in their place's order
+        self.worker_place: dict[int, int] = {}  # worker -> its place among the simulated nodes (1-based)
         self.client_info: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ client identity
@@ -133,7 +133,8 @@ class Federation:
                 continue
             metrics = dict(reply.content[METRICS])
             if metrics.get(VIRTUAL_WORKER):
-                self.workers.append(node)
+                self.worker_place[node] = int(metrics[VIRTUAL_WORKER])
+                self.workers = sorted([*self.workers, node], key=self.worker_place.__getitem__)
                 continue
             cid = int(metrics.pop("client-id"))
             for other in [n for n, c in self.node_to_client.items() if c == cid]:
@@ -193,9 +194,10 @@ class Federation:
 
         Flower's simulation hands a node's messages to its workers one per node per pass, in the
         order the nodes were created, whatever order they were sent in. So the messages are sorted
-        by :meth:`message_cost` (largest first) and dealt round-robin over the workers: the k-th
-        pass carries the k-th largest band, and no core idles at the end of a round behind one
-        large client that started last (longest-processing-time-first, band by band)."""
+        by :meth:`message_cost` (largest first) and dealt round-robin over the workers in that
+        order (each worker's place, from its query reply): the k-th pass carries the k-th largest
+        band, largest first, and no core idles at the end of a round behind one large client
+        that started last (longest-processing-time-first)."""
         addresses = {id(m): m.metadata.dst_node_id for m in messages}
         virtual = [m for m in messages if m.metadata.dst_node_id < 0]
         if virtual:

@@ -92,6 +92,20 @@ def test_messages_are_dealt_to_workers_largest_first() -> None:
     }
 
 
+def test_workers_are_dealt_to_in_the_order_flower_queues_them(tmp_path: Path) -> None:
+    class Shuffled(InProcessGrid):  # replies in another order than the nodes were created in
+        def send_and_receive(self, messages, *, timeout=None):
+            return list(reversed(list(super().send_and_receive(messages, timeout=timeout))))
+
+    rc = {**fedhelpers.run_config(tmp_path, "fedper", TINY, rounds=1), "num-clients": 6}
+    grid = Shuffled(rc, 3)
+    strategy = PersonalizedStrategy(shared_shapes={"w": (1,)}, num_clients=6)
+    strategy.discover(grid, timeout=60)
+    # Flower's simulation takes one message per node per pass, nodes in partition-id order
+    by_place = sorted(grid.contexts, key=lambda n: grid.contexts[n].node_config["partition-id"])
+    assert strategy.workers == by_place
+
+
 def test_virtual_clients_are_unavailable_without_a_live_worker() -> None:
     strategy = PersonalizedStrategy(shared_shapes={"w": (1,)}, num_clients=2)
     strategy.workers = [11]
