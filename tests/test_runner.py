@@ -953,13 +953,14 @@ def test_a_primed_flwr_runs_what_the_flwr_script_runs_and_an_unused_one_just_end
 
 
 def test_a_local_simulation_warms_its_workers_and_gives_the_serverapp_one_thread(monkeypatch) -> None:
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv(runner.RAY_HOOK_VAR, raising=False)
-    assert runner.local_simulation_env(1) == {
-        runner.RAY_HOOK_VAR: "fedvit.warmup.ray_runtime_env",
-        "OMP_NUM_THREADS": "1",
-    }
-    assert runner.local_simulation_env(2) == {runner.RAY_HOOK_VAR: "fedvit.warmup.ray_runtime_env"}
+    from fedvit.launch.prepare import RAY_NO_PRESTART
+
+    for var in ("OMP_NUM_THREADS", runner.RAY_HOOK_VAR, RAY_NO_PRESTART):
+        monkeypatch.delenv(var, raising=False)
+    warm = {runner.RAY_HOOK_VAR: "fedvit.warmup.ray_runtime_env", RAY_NO_PRESTART: "0"}
+    assert runner.local_simulation_env(1) == {**warm, "OMP_NUM_THREADS": "1"}
+    assert runner.local_simulation_env(2) == warm
     monkeypatch.setenv("OMP_NUM_THREADS", "4")  # what the user's environment sets wins
     monkeypatch.setenv(runner.RAY_HOOK_VAR, "my.hook")
+    monkeypatch.setenv(RAY_NO_PRESTART, "1")
     assert runner.local_simulation_env(1) == {}

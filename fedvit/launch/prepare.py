@@ -169,14 +169,21 @@ WORKERS_PER_SLOT = 8
 MIN_WORKERS = 32
 
 
+#: Ray's switch for the workers its raylet starts when a driver connects (read by the raylet).
+RAY_NO_PRESTART = "RAY_prestart_worker_first_driver"
+
+
 def local_simulation_env(cpus_per_client: float = 1) -> dict[str, str]:
     """Environment of a local fedvit simulation, for what the user's environment does not set:
     Ray workers import the ClientApp as they start, while the ServerApp sets up
     (:mod:`fedvit.warmup`); and, with one CPU per client, one OpenMP/torch thread in every process
     (the ServerApp's cores belong to the workers; with more threads they spin against the workers'
     on a machine with no spare core). With more CPUs per client the variable is left to Ray,
-    which gives each worker its ``num_cpus`` threads unless the environment already decides."""
-    wanted = {RAY_HOOK_VAR: RUNTIME_ENV_HOOK}
+    which gives each worker its ``num_cpus`` threads unless the environment already decides.
+    Ray starts no workers when the simulation connects (:data:`RAY_NO_PRESTART`): the client
+    actors need workers with the warm-up hook, so the prestarted ones were started, then killed
+    about 2 s later, unused, on the cores the start-up is waiting for."""
+    wanted = {RAY_HOOK_VAR: RUNTIME_ENV_HOOK, RAY_NO_PRESTART: "0"}
     if cpus_per_client <= 1:
         wanted["OMP_NUM_THREADS"] = "1"
     return {k: v for k, v in wanted.items() if k not in os.environ}
