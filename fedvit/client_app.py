@@ -201,9 +201,14 @@ def client_setup(message: Message | None, context: Context) -> Iterator[ClientSe
     The model comes pristine from this process's :class:`~fedvit.worker.ModelPool` and goes back
     when the block ends; datasets and the store fingerprint are reused between messages of the
     same configuration (:mod:`fedvit.worker`); private state is read from the store as always."""
-    config = _config_dict(message) if message is not None else {}
-    client_id = client_identity(context, client_config(context), config)
-    with setup_for(context, client_id, config) as setup:
+    with _setup_of(_config_dict(message) if message is not None else {}, context) as setup:
+        yield setup
+
+
+@contextmanager
+def _setup_of(config: Mapping[str, Any], context: Context) -> Iterator[ClientSetup]:
+    """:func:`client_setup` for a message with this ``config``."""
+    with setup_for(context, client_identity(context, client_config(context), config), config) as setup:
         yield setup
 
 
@@ -244,8 +249,7 @@ def make_client(message: Message, context: Context) -> Iterator[Any]:
 @contextmanager
 def client_for(config: Mapping[str, Any], context: Context) -> Iterator[Any]:
     """The method's client for a message with this ``config`` (see :func:`make_client`)."""
-    client_id = client_identity(context, client_config(context), config)
-    with setup_for(context, client_id, config) as setup:
+    with _setup_of(config, context) as setup:
         yield get_client(setup.cfg.method.client)(setup)
 
 
@@ -355,7 +359,7 @@ def train(message: Message, context: Context) -> Message:
         eval_arrays = EVAL_ARRAYS if EVAL_ARRAYS in message.content.array_records else "arrays"
         evaluated = _evaluation(message, dict(message.content[EVAL_CONFIG]), context, eval_arrays)
     started = time.perf_counter()
-    with _traced("train", config), make_client(message, context) as client:
+    with _traced("train", config), client_for(config, context) as client:
         params, num_examples, metrics = client.fit(_received(message, client), config)
         shared, client_id = client.split.shared, client.client_id
         allowed = _allowlist(TRAIN, client.setup, shared=list(shared))

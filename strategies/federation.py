@@ -13,7 +13,7 @@ What crosses the wire here:
   (:meth:`Federation.readdress`), so everything after an exchange sees clients, as with devices.
 
 :class:`Federation` is the strategies' base: it holds only the federation's standing state
-(``node_to_client``, ``workers``, ``client_info``); a round's data travels as values
+(``node_to_client``, ``worker_place``, ``client_info``); a round's data travels as values
 (:class:`~strategies.rounds.Replies`).
 """
 
@@ -59,9 +59,15 @@ class Federation:
         self.run_key = f"{run_name}-{uuid.uuid4().hex[:8]}"
         self.recorder = recorder
         self.node_to_client: dict[int, int] = {}  # address (a device's node, or virtual_address) -> client
-        self.workers: list[int] = []  # simulated nodes that serve virtual clients, in their place's order
-        self.worker_place: dict[int, int] = {}  # worker -> its place among the simulated nodes (1-based)
+        # simulated node that serves virtual clients -> its place among the simulated nodes (1-based)
+        self.worker_place: dict[int, int] = {}
         self.client_info: dict[int, dict[str, Any]] = {}
+
+    @property
+    def workers(self) -> list[int]:
+        """The simulated nodes that serve virtual clients, in their place's order (the order
+        Flower's simulation queues their messages in, see :meth:`route`)."""
+        return sorted(self.worker_place, key=self.worker_place.__getitem__)
 
     # ------------------------------------------------------------------ client identity
 
@@ -79,7 +85,7 @@ class Federation:
         known = (len(self.node_to_client), len(self.workers))
         while True:
             nodes = list(grid.get_node_ids())
-            new = [n for n in nodes if n not in self.node_to_client and n not in self.workers]
+            new = [n for n in nodes if n not in self.node_to_client and n not in self.worker_place]
             if new:
                 problems += self._identify(grid, new, nodes, timeout)
             available = len(self._live_nodes(grid))
@@ -134,7 +140,6 @@ class Federation:
             metrics = dict(reply.content[METRICS])
             if metrics.get(VIRTUAL_WORKER):
                 self.worker_place[node] = int(metrics[VIRTUAL_WORKER])
-                self.workers = sorted([*self.workers, node], key=self.worker_place.__getitem__)
                 continue
             cid = int(metrics.pop("client-id"))
             for other in [n for n, c in self.node_to_client.items() if c == cid]:

@@ -63,7 +63,7 @@ def _federate_three(tmp_path: Path, node_configs):
 
 def test_messages_are_dealt_to_workers_largest_first() -> None:
     strategy = PersonalizedStrategy(shared_shapes={"w": (1,)}, num_clients=4)
-    strategy.workers = [11, 22]
+    strategy.worker_place = {11: 1, 22: 2}
     sizes = {0: 5, 1: 1, 2: 9, 3: 3}
     for cid, n in sizes.items():
         strategy.node_to_client[virtual_address(cid)] = cid
@@ -108,7 +108,7 @@ def test_workers_are_dealt_to_in_the_order_flower_queues_them(tmp_path: Path) ->
 
 def test_virtual_clients_are_unavailable_without_a_live_worker() -> None:
     strategy = PersonalizedStrategy(shared_shapes={"w": (1,)}, num_clients=2)
-    strategy.workers = [11]
+    strategy.worker_place = {11: 1}
     strategy.node_to_client = {virtual_address(0): 0, virtual_address(1): 1}
 
     class Gone:

@@ -264,9 +264,10 @@ def round_bench(
             for r in results["rounds"][steady_of]
         ]
     )
-    # a pipelined message carries a training and an evaluation: Flower carries fewer messages
-    messages = _median([len(set(tr) | set(ev)) for tr, ev in windows]) if pipelined(results) else None
-    messages = train_msgs + eval_msgs if messages is None else messages
+    if pipelined(results):  # a message that carries a training and an evaluation counts once
+        messages = _median([len(set(tr) | set(ev)) for tr, ev in windows])
+    else:
+        messages = train_msgs + eval_msgs
     report: dict[str, Any] = {
         "bench": "round",
         "date": datetime.now().isoformat(timespec="seconds"),
