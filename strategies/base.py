@@ -459,7 +459,9 @@ class PersonalizedStrategy(Federation):
                 train_replies = self.exchange(grid, messages, timeout)
             else:  # the previous round's evaluation rides along
                 replies = self.exchange(grid, fuse(messages, pending.messages), timeout)
-                train_replies, eval_replies = split(replies, plan.addresses(), pending.plan.addresses())
+                train_replies, eval_replies = split(
+                    replies, plan.addresses(), pending.plan.addresses(), self.who
+                )
                 closed = self.close_round(pending, eval_replies, result, closed)
             arrays, train_metrics = self.aggregate_train(plan, train_replies)
             result.arrays = arrays

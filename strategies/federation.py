@@ -273,8 +273,12 @@ class Federation:
             self._failed(node, f"no reply within {timeout:g}s", out)
         return out
 
+    def who(self, node: int) -> str:
+        """How a log line or failure names the client at address ``node``."""
+        return f"client {self.node_to_client.get(node, '?')} (node {node})"
+
     def _failed(self, node: int, reason: str, replies: Replies) -> None:
-        who = f"client {self.node_to_client.get(node, '?')} (node {node})"
+        who = self.who(node)
         replies.failures.append(f"{who}: {reason}")
         replies.failed.append(node)
         log(WARNING, "%s failed: %s", who, reason)

@@ -19,7 +19,7 @@ round's evaluation goes out alone), so an interrupted run resumes from the round
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,10 +65,13 @@ def fuse(train: list[Message], evaluate: list[Message]) -> list[Message]:
     return train + [m for m in evaluate if m.metadata.dst_node_id in pending]
 
 
-def split(replies: Replies, trained: Iterable[int], evaluated: Iterable[int]) -> tuple[Replies, Replies]:
+def split(
+    replies: Replies, trained: Iterable[int], evaluated: Iterable[int], who: Callable[[int], str]
+) -> tuple[Replies, Replies]:
     """One pipelined exchange's replies as (training replies, evaluation replies). ``trained`` /
     ``evaluated``: the addresses asked to train / to evaluate. A pipelined reply counts for both;
-    one without its :data:`~fedvit.wire.EVAL_METRICS` is an evaluation failure of its client."""
+    one without its :data:`~fedvit.wire.EVAL_METRICS` is an evaluation failure of its client,
+    named by ``who(address)`` as the exchange names its failures."""
     train, ev = Replies([], []), Replies([], [])
     trained, evaluated = set(trained), set(evaluated)
     for msg in replies.ok:
@@ -82,7 +85,7 @@ def split(replies: Replies, trained: Iterable[int], evaluated: Iterable[int]) ->
         if EVAL_METRICS in msg.content.metric_records:
             ev.ok.append(msg)
         else:
-            ev.failures.append(f"address {address}: its pipelined reply has no {EVAL_METRICS}")
+            ev.failures.append(f"{who(address)}: its pipelined reply has no {EVAL_METRICS}")
             ev.failed.append(address)
     for line, address in zip(replies.failures, replies.failed, strict=True):
         for part, asked in ((train, trained), (ev, evaluated)):
