@@ -68,7 +68,8 @@ class RunRecorder:
             "schema": SCHEMA,
             **header,
             "status": "running",
-            "started_at": datetime.now().isoformat(timespec="seconds"),
+            # the clock elapsed_s counts from (a resumed record keeps its first session's start)
+            "started_at": datetime.fromtimestamp(self.t0).isoformat(timespec="milliseconds"),
             "clients": {},
             "resources": {},
             "evaluation": {},  # the evaluation protocol (set_evaluation)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from fedvit.cli import main
 from fedvit.config import load_config
 from fedvit.data import build_partition
 from fedvit.models import build_model
+from fedvit.results import RunRecorder
 
 ROUND_BOUND_TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "round_bound.py"
 TINY = "model.depth=2 model.embed_dim=32 model.num_heads=2"
@@ -155,30 +157,24 @@ def test_a_pipelined_round_window_holds_the_next_training_and_its_own_evaluation
     assert steady_rounds(plain) == slice(1, 4) and steady_rounds(piped) == slice(1, 3)
 
 
-def test_watcher_sums_the_tree_and_dates_the_recorder_start(tmp_path: Path) -> None:
-    results = tmp_path / "results.json"
+def test_watcher_sums_the_process_tree(tmp_path: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(50_000_000); time.sleep(30)"])
     try:
         time.sleep(1.0)
-        watcher = RunWatcher(results)
+        watcher = RunWatcher()
         watcher.sample()
         assert watcher.peak_rss >= 50_000_000  # the child's buffer is in the tree's RSS
-        assert watcher.recorder_t0 is None  # no results yet
-        results.write_text(json.dumps({"status": "running", "rounds": [{"round": 1, "elapsed_s": 12.5}]}))
-        watcher.sample()
-        assert watcher.recorder_t0 == pytest.approx(results.stat().st_mtime - 12.5)
     finally:
         child.kill()
         child.wait()
 
 
-def test_a_completed_results_file_does_not_date_the_start(tmp_path: Path) -> None:
-    """The final rewrite happens after the last round: its mtime says nothing about elapsed_s."""
-    results = tmp_path / "results.json"
-    results.write_text(json.dumps({"status": "completed", "rounds": [{"round": 1, "elapsed_s": 12.5}]}))
-    watcher = RunWatcher(results)
-    watcher.sample()
-    assert watcher.recorder_t0 is None
+def test_the_record_dates_its_clock_to_the_millisecond(tmp_path: Path) -> None:
+    """``elapsed_s`` counts from ``started_at``: the bench places rounds on the machine's clock."""
+    before = time.time()
+    rec = RunRecorder(tmp_path, {"method": "fedavg"}, plots=False)
+    started = datetime.fromisoformat(rec.data["started_at"]).timestamp()
+    assert started == pytest.approx(rec.t0, abs=1e-3) and before <= started + 1e-3
 
 
 # --------------------------------------------------------------------------- the command line
@@ -266,7 +262,10 @@ def test_bench_round_writes_every_field_with_consistent_numbers(tmp_path: Path, 
     assert steady == pytest.approx(times[1], abs=1e-3)
     for key in ("bound_s", "floor_ms_per_message", "startup_to_first_round_s", "wall_s", "peak_rss_mb"):
         assert report[key] > 0, key
+    # the yardstick is the bound of the work the steady window really did (its sampled clients)
     bound, floor_ms = report["bound_s"], report["floor_ms_per_message"]
+    assert bound == pytest.approx(report["bound"]["per_round_s"][1], abs=1e-3)
+    assert report["bound"]["steady_mean_round_s"] == pytest.approx(steady, abs=1e-3)
     assert report["ratio_round_over_bound"] == pytest.approx(steady / bound, rel=0.01)
     assert report["floor_s_per_round"] == pytest.approx(floor_ms * 4 / 1000, abs=2e-3)
     assert report["ratio_round_over_floor_plus_bound"] == pytest.approx(

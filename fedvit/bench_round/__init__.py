@@ -10,15 +10,17 @@ One setting (a run config, as for ``fedvit run``) is measured in three steps, on
    a sampler thread reads ``/proc`` every ``SAMPLE_S`` seconds: the summed RSS of every process the
    run started (the descendants of this process and every process tagged with the
    runner's ``FEDVIT_RUNNER_TAG``: SuperLink, SuperExec, ServerApp, Ray, its workers, the ``flwr``
-   CLI) and ``results.json`` while its status is ``running``: the file's mtime minus its last
-   round's ``elapsed_s`` is the recorder's start on this machine's clock, which places the end of
-   round 1 on the same clock as the call to ``run_flwr``.
+   CLI). ``results.json``'s ``started_at`` (the recorder's start, to the millisecond) places the
+   rounds on the same clock as the call to ``run_flwr`` and the workers' message records.
 2. **The pure-compute bound**: the config's model, torch threads = 1, random inputs of the
    config's shape, batch = ``train.batch_size``, the config's optimizer (and gradient clipping)
    from :mod:`fedvit.training`: seconds per image of a train step and of an eval forward, timed as
    ``tools/round_bound.py`` does. bound = (images trained x t_train + images evaluated x t_eval)
-   / cores, with the images of the real partition: expected per round = (messages / N) x the
-   images of all N clients (exact when every client takes part).
+   / cores, per round window with the images of the clients that window really trained and
+   evaluated (``bound.per_round_s``). ``bound_s`` is the mean over the steady windows, and
+   ``ratio_round_over_bound`` their mean time over it: the bound of the same work. (The bound of
+   an average window, (messages / N) x the images of all N clients, is ``bound.expected_share_s``:
+   with a seeded sample of clients larger or smaller than average it misstates the work done.)
 3. **Flower's floor**: a no-op ClientApp in the same Ray simulation engine (``run_simulation``),
    N nodes, one ``evaluate`` message per node per round carrying the shared split's float count,
    in a subprocess (``python -m fedvit.bench_round --floor ...``), as ``tools/flower_floor.py``.
@@ -222,7 +224,7 @@ def round_bench(
         load_before = os.getloadavg()
         say(f"bench round: running the federation ({n} clients, {cfg.server.num_rounds} rounds) ...")
         t_call = time.time()
-        with RunWatcher(results_path) as watcher:
+        with RunWatcher() as watcher:
             outcome = run_flwr(
                 app,
                 rc,
@@ -248,11 +250,8 @@ def round_bench(
     steady_of = steady_rounds(results)
     steady = _median(times[steady_of])
     first_elapsed = results["rounds"][0]["elapsed_s"]
-    if watcher.recorder_t0 is not None:
-        rec_t0, startup_source = watcher.recorder_t0, "results.json mtime - elapsed_s (sub-second)"
-    else:  # the run was over before a sample saw it running: started_at has 1 s resolution
-        rec_t0 = datetime.fromisoformat(results["started_at"]).timestamp() + 0.5
-        startup_source = "results.json started_at + 0.5 s (+-0.5 s)"
+    # the recorder's start on this machine's clock (results.json's started_at, to the millisecond)
+    rec_t0 = datetime.fromisoformat(results["started_at"]).timestamp()
     startup = rec_t0 + first_elapsed - t_call
 
     # messages and images per round (observed client lists; expected = share of all N clients)
@@ -305,7 +304,6 @@ def round_bench(
         "startup": {
             "serverapp_recorder_start_s": rounded(rec_t0 - t_call),
             "first_round_s": rounded(first_elapsed),
-            "source": startup_source,
         },
         "wall_s": rounded(wall),
         "fixed_cost_s": rounded(wall - len(times) * steady),
@@ -330,7 +328,7 @@ def round_bench(
         ),
     }
 
-    bound = None
+    bound = steady_mean = None
     if not skip_bound:
         say(f"bench round: timing the model (2 x {bound_measure_s:g} s, 1 thread) ...")
         costs = step_costs(cfg, seconds=bound_measure_s)
@@ -339,12 +337,14 @@ def round_bench(
         all_eval = sum(s["eval"] for s in sizes)
         img_train, img_eval = train_msgs / n * all_train, eval_msgs / n * all_eval
         t_tr, t_ev = costs["train_s_per_image"], costs["eval_s_per_image"]
-        bound = bound_seconds(img_train, img_eval, t_tr, t_ev, cores)
         per_round = []
         for trained, evaluated in round_windows(results):
             tr = sum(sizes[c]["train"] for c in trained)
             ev = sum(sizes[c]["eval"] for c in evaluated)
             per_round.append(round(bound_seconds(tr, ev, t_tr, t_ev, cores), 3))
+        # the bound of the same work: the clients the steady windows really trained and evaluated
+        bound = statistics.fmean(per_round[steady_of])
+        steady_mean = statistics.fmean(times[steady_of])
         report["bound_s"] = rounded(bound)
         report["bound"] = {
             "train_ms_per_image": rounded(t_tr * 1e3, 4),
@@ -353,9 +353,11 @@ def round_bench(
             "images_evaluated_per_round": rounded(img_eval, 1),
             "cores": cores,
             "per_round_s": per_round,
+            "steady_mean_round_s": rounded(steady_mean),
+            "expected_share_s": rounded(bound_seconds(img_train, img_eval, t_tr, t_ev, cores)),
             **{k: costs[k] for k in ("batch_size", "torch_threads", "seconds_per_measure", "model_params")},
         }
-        report["ratio_round_over_bound"] = rounded(steady / bound)
+        report["ratio_round_over_bound"] = rounded(steady_mean / bound)
         if scaling:
             say(f"bench round: the same steps in {cores} processes at once ...")
             conc = concurrent_step_costs(cfg, cores, seconds=bound_measure_s)
@@ -398,8 +400,8 @@ def round_bench(
         report["floor"] = floor
     if bound is not None and floor_ms is not None:
         floor_s = floor_ms * messages / 1000.0
-        report["ratio_round_over_floor_plus_bound"] = rounded(steady / (floor_s + bound))
-        overhead_ms = (steady - bound) / messages * 1000.0 - floor_ms
+        report["ratio_round_over_floor_plus_bound"] = rounded(steady_mean / (floor_s + bound))
+        overhead_ms = (steady_mean - bound) / messages * 1000.0 - floor_ms
         report["overhead_ms_per_message_above_floor"] = rounded(overhead_ms)
     report["machine"] = {
         "cores": cores,

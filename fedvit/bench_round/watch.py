@@ -1,6 +1,6 @@
-"""Watching a measured run (step 1 of :mod:`fedvit.bench_round`): its process tree's memory and
-round clock sampled from ``/proc`` and ``results.json`` (:class:`RunWatcher`), and where each
-round's time went in the workers, from the messages :func:`fedvit.worker.traced` recorded."""
+"""Watching a measured run (step 1 of :mod:`fedvit.bench_round`): its process tree's memory
+sampled from ``/proc`` (:class:`RunWatcher`), and where each round's time went in the workers,
+from the messages :func:`fedvit.worker.traced` recorded."""
 
 from __future__ import annotations
 
@@ -28,20 +28,18 @@ def _statm_rss_bytes(pid: int) -> int | None:
 
 
 class RunWatcher:
-    """Samples the run's process tree from ``/proc`` and notes when ``results.json`` records rounds.
+    """Samples the run's process tree's memory from ``/proc``.
 
     Cheap on purpose (it runs beside the measured run): ``/proc/<pid>/stat`` of every process,
     the environment of each process once, ``statm`` of the run's processes. Not PSS: reading
     ``smaps_rollup`` costs ~3 ms of kernel time per large process and sample.
     """
 
-    def __init__(self, results: Path, period_s: float = SAMPLE_S) -> None:
-        self.results = results
+    def __init__(self, period_s: float = SAMPLE_S) -> None:
         self.period_s = period_s
         self.peak_rss = 0
         self.peak_procs = 0
         self.samples = 0
-        self.recorder_t0: float | None = None  # time.time() of the ServerApp recorder's start
         self._tag: str | None = None
         self._tags: dict[tuple[int, int], str | None] = {}  # (pid, start) -> its runner tag
         self._stop = threading.Event()
@@ -89,13 +87,6 @@ class RunWatcher:
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_procs = max(self.peak_procs, len(pids))
         self.samples += 1
-        if self.recorder_t0 is None and self.results.is_file():
-            mtime = self.results.stat().st_mtime
-            data = json.loads(self.results.read_text())
-            timed = [r for r in data.get("rounds", []) if "elapsed_s" in r]
-            # Written right after the last round's elapsed_s was taken (the final rewrite is not).
-            if data.get("status") == "running" and timed and self.results.stat().st_mtime == mtime:
-                self.recorder_t0 = mtime - timed[-1]["elapsed_s"]
 
 
 def read_traces(directory: Path) -> list[dict[str, Any]]:
