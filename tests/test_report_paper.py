@@ -154,7 +154,7 @@ def test_ours_is_the_mean_over_seeds_with_its_std_and_the_mean_std_over_clients(
     assert row["ours_std_clients"] == pytest.approx(0.06)
     assert (row["paper_mean"], row["paper_std_clients"]) == (92.63, 3.77)
     text = paper_markdown([row], info)
-    assert "| FedRep | fedper | 3 | 83.00 ± 3.00 | 6.00 | 92.63 ± 3.77 | -9.63 | 1 | 1 |" in text
+    assert "| FedRep | fedper | 3 | 83.00 ± 3.00 | 6.00 | 92.63 ± 3.77 | -9.63 | 1 | 1 | 1, 1, 1 |" in text
 
 
 def test_identical_rank_orders_give_tau_one_and_reversed_give_minus_one(tmp_path: Path) -> None:
@@ -199,10 +199,39 @@ def test_tau_is_scipys_over_the_methods_with_a_paper_value(tmp_path: Path) -> No
     assert [by[m]["rank_ours"] for m in compared] == [4, 3, 5, 1, 2]  # means .72 .80 .715 .89 .88
     text = paper_markdown(rows, info)
     assert f"over the 5 methods with a paper value: {expected.statistic:.3f}" in text
-    assert "| – | fedrep | 2 | 99.00 ± 0.00 | 5.00 | – | – | – | – |" in text
+    assert "| – | fedrep | 2 | 99.00 ± 0.00 | 5.00 | – | – | – | – | – |" in text
     assert "Without a paper value (in the table, left out of the ranks and τ):" in text
     assert "- fedrep: the alternating FedRep" in text
     assert "In the paper, not among these runs: APFL, Per-FedAvg, FedBABU, Vanilla Attention" in text
+
+
+def test_each_seed_every_compared_method_has_gets_its_own_ranks_and_tau(tmp_path: Path) -> None:
+    """Whether a rank difference from the paper is already inside our own seed-to-seed spread."""
+    finals = {
+        "fedavg": [0.70, 0.74, 0.72],
+        "local": [0.81, 0.79],  # no seed 2: seed 2 is not common to every compared method
+        "fedper": [0.90, 0.75, 0.88],
+        "fedperfix": [0.86, 0.90, 0.91],
+        "fedrep": [0.10, 0.99, 0.50],  # no paper value: ranked nowhere
+    }
+    rows, info = paper_rows(finished_runs(runs_with_finals(tmp_path, finals)), load_paper("fedperfix-table2"))
+    assert info["seeds_common"] == [0, 1]
+    by = {r["fedvit"]: r for r in rows}
+    # seed 0: fedper .90 > fedperfix .86 > local .81 > fedavg .70; seed 1: .90 > .79 > .75 > .74
+    assert {m: by[m]["rank_per_seed"] for m in ("fedavg", "local", "fedper", "fedperfix")} == {
+        "fedavg": [4, 4],
+        "local": [3, 2],
+        "fedper": [1, 3],
+        "fedperfix": [2, 1],
+    }
+    assert by["fedrep"]["rank_per_seed"] == []
+    compared = ["fedavg", "local", "fedper", "fedperfix"]
+    for seed in (0, 1):
+        expected = kendalltau([finals[m][seed] for m in compared], [ORGANAMNIST[m] for m in compared])
+        assert info["tau_per_seed"][seed] == pytest.approx(expected.statistic)
+    text = paper_markdown(rows, info)
+    assert "| 4 | 3 | 4, 4 |" in text  # FedAvg: rank of its mean over seeds, the paper's, each seed's
+    assert f"τ-b seed 0: {info['tau_per_seed'][0]:.3f}, seed 1: {info['tau_per_seed'][1]:.3f}" in text
 
 
 def test_paper_dataset_picks_a_column_and_unknown_columns_are_refused(tmp_path: Path) -> None:

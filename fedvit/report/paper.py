@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedvit.report.runs import ReportError, fmt_cell, methods_over_seeds, pm
+from fedvit.report.runs import ReportError, fmt_cell, last_round_acc, methods_over_seeds, pm, run_seed
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,7 @@ def paper_rows(
                 "paper_std_clients": pv[1] if pv else None,
                 "rank_ours": None,
                 "rank_paper": None,
+                "rank_per_seed": [],  # filled for the compared methods (:func:`_per_seed`)
             }
         )
     compared = [r for r in rows if r["paper_mean"] is not None and r["ours_mean"] is not None]
@@ -171,6 +172,7 @@ def paper_rows(
     if len(compared) >= 2:
         result = kendalltau([r["ours_mean"] for r in compared], [r["paper_mean"] for r in compared])
         tau, p_value = float(result.statistic), float(result.pvalue)
+    seeds, tau_per_seed = _per_seed(groups, compared, datasets[0])
 
     def label(r: Mapping[str, Any]) -> str:
         return r["method"] if r["method"] == r["fedvit"] else f"{r['method']} ({r['fedvit']})"
@@ -185,6 +187,8 @@ def paper_rows(
         "compared": len(compared),
         "tau": tau,
         "p_value": p_value,
+        "seeds_common": seeds,
+        "tau_per_seed": tau_per_seed,
         "order_ours": [label(r) for r in sorted(compared, key=lambda r: (r["rank_ours"], r["fedvit"]))],
         "order_paper": [label(r) for r in sorted(compared, key=lambda r: (r["rank_paper"], r["fedvit"]))],
         "without_paper_value": {
@@ -197,6 +201,36 @@ def paper_rows(
         ],
     }
     return rows, info
+
+
+def _per_seed(
+    groups: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
+    compared: list[dict[str, Any]],
+    dataset: str,
+) -> tuple[list[Any], dict[Any, float | None]]:
+    """Our ranks on each seed that every compared method has (``rank_per_seed`` added to each
+    compared row, in the seeds' order) and Kendall's τ-b against the paper on each such seed:
+    how much of a rank difference our own seeds already show."""
+    from scipy.stats import kendalltau
+
+    by_seed = {
+        r["fedvit"]: {
+            run_seed(run): last_round_acc(run)["mean"]
+            for run in groups[(r["fedvit"], dataset)]
+            if last_round_acc(run).get("mean") is not None
+        }
+        for r in compared
+    }
+    common = set.intersection(*(set(v) for v in by_seed.values())) if by_seed else set()
+    seeds = sorted(common, key=lambda x: (0, x, "") if isinstance(x, int) else (1, 0, str(x)))
+    taus: dict[Any, float | None] = {}
+    for seed in seeds:
+        values = [by_seed[r["fedvit"]][seed] for r in compared]
+        for r, rank in zip(compared, _ranks(values), strict=True):
+            r["rank_per_seed"].append(rank)
+        tau = kendalltau(values, [r["paper_mean"] for r in compared]).statistic if len(values) >= 2 else None
+        taus[seed] = float(tau) if _nan_free(tau) else None
+    return seeds, taus
 
 
 def _nan_free(value: float | None) -> bool:
@@ -212,8 +246,8 @@ def paper_markdown(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -
         f"seeds of the std over clients; paper: {info['metric']})",
         "",
         "| method (paper) | fedvit | seeds | ours: acc. % (mean ± std over seeds) | ours: std over clients % "
-        "| paper: acc. % ± std over clients | Δ (pts) | rank ours | rank paper |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| paper: acc. % ± std over clients | Δ (pts) | rank ours | rank paper | rank ours per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         spread, theirs = r["ours_std_clients"], r["paper_mean"]
@@ -227,6 +261,7 @@ def paper_markdown(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -
             "–" if theirs is None or r["ours_mean"] is None else f"{100 * r['ours_mean'] - theirs:+.2f}",
             fmt_cell(r["rank_ours"]),
             fmt_cell(r["rank_paper"]),
+            ", ".join(str(k) for k in r.get("rank_per_seed") or []) or "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -240,6 +275,12 @@ def paper_markdown(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -
     else:
         why = "fewer than 2 methods with a paper value" if info["compared"] < 2 else "a constant ranking"
         lines.append(f"Kendall's τ: not defined ({why})")
+    if info["seeds_common"]:
+        taus = info["tau_per_seed"].items()
+        per_seed = ", ".join(f"seed {seed}: " + ("–" if t is None else f"{t:.3f}") for seed, t in taus)
+        lines.append(
+            f"On each seed every compared method has (ranks in the table's last column): τ-b {per_seed}"
+        )
     if info["without_paper_value"]:
         lines.append("")
         lines.append("Without a paper value (in the table, left out of the ranks and τ):")

@@ -109,7 +109,9 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     if rows:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(
+            {k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()} for row in rows
+        )
     return buf.getvalue()
 
 
@@ -120,6 +122,17 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def last_round_acc(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A run's test accuracy over clients at its last evaluated round (``mean``, ``std``, ...;
+    empty when none was recorded)."""
+    return ((result.get("summary") or {}).get("last_round") or {}).get("test_acc") or {}
+
+
+def run_seed(result: Mapping[str, Any]) -> Any:
+    """The seed a run's resolved config names (``None`` when absent)."""
+    return (result.get("config") or {}).get("seed")
+
+
 def over_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One configuration's completed runs (one per seed, their ``results.json``) -> mean ± std
     over seeds of the clients' mean test accuracy at the last round (``last_*``) and at the
@@ -128,7 +141,7 @@ def over_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     last, best, spread = [], [], []
     for r in results:
         summary = r.get("summary") or {}
-        acc = (summary.get("last_round") or {}).get("test_acc") or {}
+        acc = last_round_acc(r)
         if acc.get("mean") is None:
             continue
         last.append(float(acc["mean"]))
@@ -254,7 +267,7 @@ def _group(runs, name) -> dict[tuple[str, str], list[dict[str, Any]]]:
     seen: dict[tuple[str, str, Any], Path] = {}
     for d, r in runs:
         key = (name(d, r), str(r.get("dataset")))
-        seed = (r.get("config") or {}).get("seed")
+        seed = run_seed(r)
         if (*key, seed) in seen:
             raise ReportError(
                 f"{d} and {seen[(*key, seed)]}: two runs of {key[0]} on {key[1]} with seed {seed}; "
