@@ -92,6 +92,17 @@ def test_step_costs_are_per_image_seconds_of_the_configs_model() -> None:
     assert costs["model_params"] == sum(p.numel() for p in build_model(cfg).parameters())
 
 
+def test_repeated_step_costs_keep_each_kinds_fastest_measurement() -> None:
+    """A bound: noise only adds time, so of alternated measurements the fastest is kept."""
+    costs = step_costs(load_config({"overrides": f"{TINY} train.batch_size=16"}), seconds=0.1, repeats=3)
+    assert costs["repeats"] == 3
+    for kind in ("train", "eval"):
+        samples = costs[f"{kind}_s_per_image_samples"]
+        assert len(samples) == 3 and costs[f"{kind}_s_per_image"] == min(samples)
+    with pytest.raises(ValueError, match="repeats"):
+        step_costs(load_config({}), repeats=0)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_step_costs_agree_with_the_round_bound_tool() -> None:
@@ -266,6 +277,8 @@ def test_bench_round_writes_every_field_with_consistent_numbers(tmp_path: Path, 
     bound, floor_ms = report["bound_s"], report["floor_ms_per_message"]
     assert bound == pytest.approx(report["bound"]["per_round_s"][1], abs=1e-3)
     assert report["bound"]["steady_mean_round_s"] == pytest.approx(steady, abs=1e-3)
+    assert report["bound"]["train_ms_per_image"] == min(report["bound"]["train_ms_per_image_samples"])
+    assert len(report["bound"]["eval_ms_per_image_samples"]) == report["bound"]["repeats"] == 3
     assert report["ratio_round_over_bound"] == pytest.approx(steady / bound, rel=0.01)
     assert report["floor_s_per_round"] == pytest.approx(floor_ms * 4 / 1000, abs=2e-3)
     assert report["ratio_round_over_floor_plus_bound"] == pytest.approx(

@@ -15,8 +15,9 @@ One setting (a run config, as for ``fedvit run``) is measured in three steps, on
 2. **The pure-compute bound**: the config's model, torch threads = 1, random inputs of the
    config's shape, batch = ``train.batch_size``, the config's optimizer (and gradient clipping)
    from :mod:`fedvit.training`: seconds per image of a train step and of an eval forward, timed as
-   ``tools/round_bound.py`` does. bound = (images trained x t_train + images evaluated x t_eval)
-   / cores, per round window with the images of the clients that window really trained and
+   ``tools/round_bound.py`` does, alternated ``bound_repeats`` times (each kind keeps its fastest:
+   a bound, and the least disturbed measurement). bound = (images trained x t_train + images
+   evaluated x t_eval) / cores, per round window with the images of the clients that window really trained and
    evaluated (``bound.per_round_s``). ``bound_s`` is the mean over the steady windows, and
    ``ratio_round_over_bound`` their mean time over it: the bound of the same work. (The bound of
    an average window, (messages / N) x the images of all N clients, is ``bound.expected_share_s``:
@@ -151,6 +152,7 @@ def round_bench(
     supernodes: int | None = None,
     timeout_s: float = 3600.0,
     bound_measure_s: float = 8.0,
+    bound_repeats: int = 3,
     floor_rounds_: int | None = None,
     scaling: bool = True,
     private_ray_head: bool = True,
@@ -330,8 +332,8 @@ def round_bench(
 
     bound = steady_mean = None
     if not skip_bound:
-        say(f"bench round: timing the model (2 x {bound_measure_s:g} s, 1 thread) ...")
-        costs = step_costs(cfg, seconds=bound_measure_s)
+        say(f"bench round: timing the model ({bound_repeats} x 2 x {bound_measure_s:g} s, 1 thread) ...")
+        costs = step_costs(cfg, seconds=bound_measure_s, repeats=bound_repeats)
         sizes = client_sizes(cfg)
         all_train = sum(s["train"] for s in sizes)
         all_eval = sum(s["eval"] for s in sizes)
@@ -355,7 +357,12 @@ def round_bench(
             "per_round_s": per_round,
             "steady_mean_round_s": rounded(steady_mean),
             "expected_share_s": rounded(bound_seconds(img_train, img_eval, t_tr, t_ev, cores)),
-            **{k: costs[k] for k in ("batch_size", "torch_threads", "seconds_per_measure", "model_params")},
+            "train_ms_per_image_samples": [rounded(t * 1e3, 4) for t in costs["train_s_per_image_samples"]],
+            "eval_ms_per_image_samples": [rounded(t * 1e3, 4) for t in costs["eval_s_per_image_samples"]],
+            **{
+                k: costs[k]
+                for k in ("batch_size", "torch_threads", "seconds_per_measure", "repeats", "model_params")
+            },
         }
         report["ratio_round_over_bound"] = rounded(steady_mean / bound)
         if scaling:

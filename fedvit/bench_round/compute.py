@@ -35,14 +35,20 @@ def bound_seconds(n_train: float, n_eval: float, t_train: float, t_eval: float, 
     return (n_train * t_train + n_eval * t_eval) / cores
 
 
-def step_costs(cfg: FedvitConfig, seconds: float = 8.0, batch: int | None = None) -> dict[str, Any]:
+def step_costs(
+    cfg: FedvitConfig, seconds: float = 8.0, batch: int | None = None, repeats: int = 1
+) -> dict[str, Any]:
     """Seconds per image of a train step and of an eval forward of ``cfg``'s model, 1 thread.
 
     The loop of ``tools/round_bound.py``: 3 warm-up steps, then steps until ``seconds`` passed;
     random inputs, ``batch`` (default ``train.batch_size``) images per step. The train step is
     cross-entropy, backward, the gradient clipping of ``train.grad_clip`` and a step of the
-    optimizer :func:`fedvit.training.make_optimizer` builds from ``cfg.train``.
+    optimizer :func:`fedvit.training.make_optimizer` builds from ``cfg.train``. With ``repeats`` >
+    1 the two measurements alternate that many times and each kind keeps its fastest, the least
+    disturbed (a bound: noise only adds time); every measurement is in ``*_samples``.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     import torch
 
     from fedvit.models import build_model, example_input
@@ -84,18 +90,23 @@ def step_costs(cfg: FedvitConfig, seconds: float = 8.0, batch: int | None = None
                 n += 1
             return (time.perf_counter() - t0) / (n * bs)
 
-        model.train()
-        t_train = per_image(train_step)
-        model.eval()
-        t_eval = per_image(eval_step)
+        trains, evals = [], []
+        for _ in range(repeats):
+            model.train()
+            trains.append(per_image(train_step))
+            model.eval()
+            evals.append(per_image(eval_step))
     finally:
         torch.set_num_threads(threads)
     return {
-        "train_s_per_image": t_train,
-        "eval_s_per_image": t_eval,
+        "train_s_per_image": min(trains),
+        "eval_s_per_image": min(evals),
+        "train_s_per_image_samples": trains,
+        "eval_s_per_image_samples": evals,
         "batch_size": bs,
         "torch_threads": 1,
         "seconds_per_measure": seconds,
+        "repeats": repeats,
         "model_params": sum(p.numel() for p in model.parameters()),
     }
 

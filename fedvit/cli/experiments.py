@@ -176,6 +176,13 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--bound-seconds", type=float, default=8.0, metavar="S", help="round: timing of each step kind"
     )
+    p.add_argument(
+        "--bound-repeats",
+        type=int,
+        default=3,
+        metavar="N",
+        help="round: alternate the two timings N times, each kind keeping its fastest (default 3)",
+    )
     p.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report here")
     p.set_defaults(func=_cmd_bench)
 
@@ -186,8 +193,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fedvit.bench_round import REPO, round_bench
 
     bad_nodes = args.supernodes is not None and args.supernodes < 1
-    if args.timeout <= 0 or args.bound_seconds <= 0 or bad_nodes:
-        raise ConfigError("bench round: --timeout, --bound-seconds and --supernodes must be > 0")
+    if args.timeout <= 0 or args.bound_seconds <= 0 or args.bound_repeats < 1 or bad_nodes:
+        raise ConfigError(
+            "bench round: --timeout, --bound-seconds, --bound-repeats and --supernodes must be > 0"
+        )
     report = round_bench(
         run_config(args),
         app_dir=args.app or REPO,
@@ -198,6 +207,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         supernodes=args.supernodes,
         timeout_s=args.timeout,
         bound_measure_s=args.bound_seconds,
+        bound_repeats=args.bound_repeats,
         progress=eprint,
     )
     return print_report(report, args.out)
