@@ -161,7 +161,7 @@ def paper_rows(
                 "paper_std_clients": pv[1] if pv else None,
                 "rank_ours": None,
                 "rank_paper": None,
-                "rank_per_seed": [],  # filled for the compared methods (:func:`_per_seed`)
+                "rank_per_seed": [],  # for the compared methods: :func:`_per_seed`
             }
         )
     compared = [r for r in rows if r["paper_mean"] is not None and r["ours_mean"] is not None]
@@ -172,7 +172,9 @@ def paper_rows(
     if len(compared) >= 2:
         result = kendalltau([r["ours_mean"] for r in compared], [r["paper_mean"] for r in compared])
         tau, p_value = float(result.statistic), float(result.pvalue)
-    seeds, tau_per_seed = _per_seed(groups, compared, datasets[0])
+    seeds, ranks_per_seed, tau_per_seed = _per_seed(groups, compared, datasets[0])
+    for r in compared:
+        r["rank_per_seed"] = ranks_per_seed[r["fedvit"]]
 
     def label(r: Mapping[str, Any]) -> str:
         return r["method"] if r["method"] == r["fedvit"] else f"{r['method']} ({r['fedvit']})"
@@ -207,10 +209,10 @@ def _per_seed(
     groups: Mapping[tuple[str, str], Sequence[Mapping[str, Any]]],
     compared: list[dict[str, Any]],
     dataset: str,
-) -> tuple[list[Any], dict[Any, float | None]]:
-    """Our ranks on each seed that every compared method has (``rank_per_seed`` added to each
-    compared row, in the seeds' order) and Kendall's τ-b against the paper on each such seed:
-    how much of a rank difference our own seeds already show."""
+) -> tuple[list[Any], dict[str, list[int]], dict[Any, float | None]]:
+    """The seeds every compared method has, each compared method's rank on each of them (in the
+    seeds' order) and Kendall's τ-b against the paper on each: how much of a rank difference our
+    own seeds already show."""
     from scipy.stats import kendalltau
 
     by_seed = {
@@ -223,14 +225,15 @@ def _per_seed(
     }
     common = set.intersection(*(set(v) for v in by_seed.values())) if by_seed else set()
     seeds = sorted(common, key=lambda x: (0, x, "") if isinstance(x, int) else (1, 0, str(x)))
+    ranks: dict[str, list[int]] = {r["fedvit"]: [] for r in compared}
     taus: dict[Any, float | None] = {}
     for seed in seeds:
         values = [by_seed[r["fedvit"]][seed] for r in compared]
         for r, rank in zip(compared, _ranks(values), strict=True):
-            r["rank_per_seed"].append(rank)
+            ranks[r["fedvit"]].append(rank)
         tau = kendalltau(values, [r["paper_mean"] for r in compared]).statistic if len(values) >= 2 else None
         taus[seed] = float(tau) if _nan_free(tau) else None
-    return seeds, taus
+    return seeds, ranks, taus
 
 
 def _nan_free(value: float | None) -> bool:
