@@ -240,15 +240,9 @@ def setup_for(context: Context, client_id: int, config: Mapping[str, Any]) -> It
 
 
 @contextmanager
-def make_client(message: Message, context: Context) -> Iterator[Any]:
-    """The method's client for ``message`` (its model returns to the pool when the block ends)."""
-    with client_for(_config_dict(message), context) as client:
-        yield client
-
-
-@contextmanager
 def client_for(config: Mapping[str, Any], context: Context) -> Iterator[Any]:
-    """The method's client for a message with this ``config`` (see :func:`make_client`)."""
+    """The method's client for a message with this ``config`` (its model returns to the pool
+    when the block ends)."""
     with _setup_of(config, context) as setup:
         yield get_client(setup.cfg.method.client)(setup)
 

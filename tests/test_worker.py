@@ -137,7 +137,8 @@ def test_a_restarted_worker_still_has_the_clients_private_state(tmp_path: Path) 
     saved = fedhelpers.stored_private(0, "fedper")
     worker.clear()  # a new worker process: nothing cached
     rc = {**_rc(tmp_path), "resume": str(run_dir)}
-    with client_app.make_client(_message(0, "fedper"), _context(rc, {"partition-id": 0})) as client:
+    config = dict(_message(0, "fedper").content["config"])
+    with client_app.client_for(config, _context(rc, {"partition-id": 0})) as client:
         head = client.model.state_dict()["head.weight"].numpy()
     np.testing.assert_array_equal(head, saved["head.weight"])
 
