@@ -217,9 +217,9 @@ def _per_seed(
 
     by_seed = {
         r["fedvit"]: {
-            run_seed(run): last_round_acc(run)["mean"]
+            run_seed(run): acc["mean"]
             for run in groups[(r["fedvit"], dataset)]
-            if last_round_acc(run).get("mean") is not None
+            if (acc := last_round_acc(run)).get("mean") is not None
         }
         for r in compared
     }
@@ -264,7 +264,7 @@ def paper_markdown(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -
             "–" if theirs is None or r["ours_mean"] is None else f"{100 * r['ours_mean'] - theirs:+.2f}",
             fmt_cell(r["rank_ours"]),
             fmt_cell(r["rank_paper"]),
-            ", ".join(str(k) for k in r.get("rank_per_seed") or []) or "–",
+            ", ".join(map(str, r["rank_per_seed"])) or "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
