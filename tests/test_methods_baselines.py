@@ -213,6 +213,31 @@ def test_fedbabu_without_fine_tuning_evaluates_the_init_head(tmp_path: Path, pha
     assert len(calls) == 3 and not any(c["changed"] & CLASSIFIER for c in calls)
 
 
+def test_fedbabu_as_the_fedperfix_authors_ran_it_fine_tunes_the_whole_model_for_one_step(
+    tmp_path: Path, phases
+) -> None:
+    import clients.fedbabu
+
+    calls = phases(clients.fedbabu)
+    federate(
+        tmp_path, "fedbabu", rounds=2, extra="method.options.finetune_steps=1 method.options.finetune=all"
+    )
+    init = initial_state(tmp_path, "fedbabu")
+    finetuning = [c for c in calls if c["changed"] & CLASSIFIER]
+    assert len(finetuning) == 6  # 2 rounds x 3 clients
+    assert all("blocks.0.attn.qkv.weight" in c["changed"] for c in finetuning)  # the body too
+    for c in calls:  # every training and fine-tuning starts from the init head, never a tuned one
+        assert torch.equal(c["before"]["head.weight"], init["head.weight"])
+    for cid in range(3):
+        for k, v in stored_private(cid, "fedbabu").items():
+            np.testing.assert_array_equal(v, init[k].numpy())
+
+
+def test_fedbabu_fine_tunes_only_the_head_or_everything() -> None:
+    with pytest.raises(ConfigError, match=r"method\.options\.finetune"):
+        load_config({"method": "fedbabu", "overrides": "method.options.finetune=body"})
+
+
 # --------------------------------------------------------------------------- server optimizer
 
 X0 = {"w": np.array([1.0, 1.0], dtype=np.float32), "b": np.array([0.5], dtype=np.float32)}
