@@ -22,8 +22,16 @@ paper's Algorithm 1):
 * with ``adaptive_alpha``, ``α ← clip(α − alpha_lr · ∂L_mixed/∂α, 0, 1)``, where
   ``∂L_mixed/∂α = ⟨∂L/∂z, v_i(x) − w(x)⟩``.
 
+``variant: pfllib`` runs APFL as the FedPerfix authors' code does (their
+``system/flcore/clients/clientapfl.py``, from PFLlib) instead: ``w`` and ``v_i`` each step on
+their own loss; ``α ← clip(α − alpha_lr·(⟨v_i − w, α∇v_i + (1−α)∇w⟩ + 0.02 α), 0, 1)`` over all
+parameters (after the step, with that step's gradients); after local training ``v_i`` becomes
+the parameter mixture ``(1−α) w + α v_i`` of the two locally trained models, and evaluation
+predicts with ``v_i`` alone (the received ``w`` is not used: a client that did not train is
+evaluated on its mixture from its last round).
+
 Both models use ``train.optimizer`` / ``train.lr`` (one optimizer each) and ``train.grad_clip``
-(per model); training runs in float32 (no AMP). Evaluation predicts with the mix of the
+(per model); training runs in float32 (no AMP). By default evaluation predicts with the mix of the
 latest aggregated ``w`` and the client's ``v_i`` and ``α_i``. Only ``w`` is ever sent, with
 the base client's training metrics (``REPLY_METRICS``): ``α_i`` is not one of them; it is read
 from the client's store (``apfl.alpha``).
@@ -110,6 +118,57 @@ def apfl_step(
     return alpha, loss_mix.item(), mixed.detach()
 
 
+def pfllib_step(
+    w: nn.Module,
+    v: nn.Module,
+    alpha: float,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt_w: torch.optim.Optimizer,
+    opt_v: torch.optim.Optimizer,
+    *,
+    adaptive: bool,
+    alpha_lr: float,
+    grad_clip: float | None = None,
+    loss_fn: nn.Module | None = None,
+) -> tuple[float, float, torch.Tensor]:
+    """One local step of APFL as PFLlib (and the FedPerfix authors' code) runs it: ``w`` and ``v``
+    each take a step on their own loss, then ``α`` moves along
+    ``⟨v − w, α∇v + (1−α)∇w⟩ + 0.02 α`` (parameters after the step, that step's gradients).
+    Returns (new alpha, v's loss, v's logits (detached))."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    losses, out_v = {}, None
+    for name, model, opt in (("shared", w, opt_w), ("private", v, opt_v)):
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = loss_fn(out, y)
+        if not math.isfinite(loss.item()):
+            raise TrainingError(f"APFL {name} loss is {loss.item()}: lower train.lr or check the data")
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        opt.step()
+        losses[name], out_v = loss.item(), out
+    if adaptive:
+        grad = 0.02 * alpha
+        with torch.no_grad():
+            for pw, pv in zip(w.parameters(), v.parameters(), strict=True):
+                if pw.grad is not None and pv.grad is not None:
+                    grad += float(((pv - pw) * (alpha * pv.grad + (1 - alpha) * pw.grad)).sum())
+        alpha = min(1.0, max(0.0, alpha - alpha_lr * grad))
+    return alpha, losses["private"], out_v.detach()
+
+
+def mix_parameters(w: nn.Module, v: nn.Module, alpha: float) -> None:
+    """``v ← (1−α) w + α v``, parameter by parameter (PFLlib's APFL after local training)."""
+    with torch.no_grad():
+        for pw, pv in zip(w.parameters(), v.parameters(), strict=True):
+            pv.mul_(alpha).add_(pw, alpha=1.0 - alpha)
+
+
+VARIANTS = ("logit-mix", "pfllib")
+
+
 @register_client("apfl")
 class APFLClient(PartialClient):
     """Trains the shared model ``w`` and a private model ``v_i`` mixed by ``α_i``; sends only ``w``."""
@@ -119,8 +178,11 @@ class APFLClient(PartialClient):
         alpha: float = 0.25  # initial mixing weight α_i (of the private model)
         adaptive_alpha: bool = True  # learn α_i by projected gradient descent on the mixed loss
         alpha_lr: float = 0.01  # step size of α_i's update
+        variant: str = "logit-mix"  # logit-mix | pfllib (the FedPerfix authors' code; module docstring)
 
         def __post_init__(self) -> None:
+            if self.variant not in VARIANTS:
+                raise option_error("variant", f"must be one of {VARIANTS}, got '{self.variant}'")
             if not 0.0 <= self.alpha <= 1.0:
                 raise option_error("alpha", f"must be in [0, 1], got {self.alpha}")
             if self.alpha_lr < 0:
@@ -174,8 +236,11 @@ class APFLClient(PartialClient):
 
     # ------------------------------------------------------------------ training / evaluation
 
-    def mixture(self) -> AlphaMix:
-        """The personalized predictor ``α_i·v_i + (1−α_i)·w`` (on logits)."""
+    def mixture(self) -> nn.Module:
+        """The personalized predictor: ``α_i·v_i + (1−α_i)·w`` on logits, or (``pfllib``) ``v_i``,
+        the parameter mixture made after the client's last local training."""
+        if self.options.variant == "pfllib":
+            return self.private_model
         return AlphaMix(self.model, self.private_model, self.alpha)
 
     def local_train(self, server_round: int) -> TrainResult:
@@ -187,13 +252,16 @@ class APFLClient(PartialClient):
         opt_w = make_optimizer(w.parameters(), tc)
         opt_v = make_optimizer(v.parameters(), tc)
         tally = Tally()
+        step = pfllib_step if opts.variant == "pfllib" else apfl_step
         for x, y in itertools.islice(cycle(loader), steps):
             x, y = x.to(self.device), y.to(self.device)
-            self.alpha, loss, logits = apfl_step(
+            self.alpha, loss, logits = step(
                 w, v, self.alpha, x, y, opt_w, opt_v,
                 adaptive=opts.adaptive_alpha, alpha_lr=opts.alpha_lr, grad_clip=tc.grad_clip,
             )  # fmt: skip
             tally.add(loss, logits, y)
+        if opts.variant == "pfllib":
+            mix_parameters(w, v, self.alpha)
         return tally.result(steps)
 
     def _eval(self, dataset) -> EvalResult:

@@ -14,7 +14,7 @@ import torch
 from fedhelpers import stored_private
 from torch import nn
 
-from clients.apfl import ALPHA_KEY, V_PREFIX, AlphaMix, APFLClient, apfl_step
+from clients.apfl import ALPHA_KEY, V_PREFIX, AlphaMix, APFLClient, apfl_step, mix_parameters, pfllib_step
 from clients.base import ClientSetup
 from clients.perfedavg import (
     HVP,
@@ -251,6 +251,64 @@ def test_apfl_with_alpha_zero_is_fedavg(tmp_path: Path) -> None:
         assert ours == pytest.approx(theirs, rel=1e-4)
     else:
         assert ours == theirs
+
+
+# ------------------------------------------------------------- APFL as the FedPerfix authors ran it
+
+
+def test_pfllib_step_trains_each_model_on_its_own_loss_and_moves_alpha_along_their_gap() -> None:
+    torch.manual_seed(0)
+    w, v = nn.Linear(3, 2), nn.Linear(3, 2)
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    alpha, lr, alpha_lr = 0.3, 0.5, 0.2
+    w0, wb0, v0, vb0 = (t.detach().clone() for t in (w.weight, w.bias, v.weight, v.bias))
+
+    new_alpha, _, _ = pfllib_step(w, v, alpha, x, y, sgd(w, lr), sgd(v, lr), adaptive=True, alpha_lr=alpha_lr)
+
+    gw, gwb = ce_grad(w0, wb0, x, y)
+    gv, gvb = ce_grad(v0, vb0, x, y)  # v: its own loss, not the mixed one
+    assert torch.allclose(w.weight, w0 - lr * gw, atol=1e-6) and torch.allclose(
+        w.bias, wb0 - lr * gwb, atol=1e-6
+    )
+    assert torch.allclose(v.weight, v0 - lr * gv, atol=1e-6) and torch.allclose(
+        v.bias, vb0 - lr * gvb, atol=1e-6
+    )
+    gap = ((v.weight - w.weight) * (alpha * gv + (1 - alpha) * gw)).sum() + (
+        (v.bias - w.bias) * (alpha * gvb + (1 - alpha) * gwb)
+    ).sum()  # parameters after the step, the step's gradients
+    assert new_alpha == pytest.approx(alpha - alpha_lr * (float(gap) + 0.02 * alpha), abs=1e-6)
+
+
+def test_the_parameter_mix_is_one_minus_alpha_w_plus_alpha_v() -> None:
+    w = linear([[1.0, 2.0]], [4.0])
+    v = linear([[3.0, -2.0]], [0.0])
+    mix_parameters(w, v, 0.25)
+    assert v.weight.tolist() == [[1.5, 1.0]] and v.bias.tolist() == [3.0]
+
+
+def test_pfllib_apfl_keeps_the_mix_of_its_trained_models_and_evaluates_it_alone(tmp_path: Path) -> None:
+    fixed = "train.local_steps=2 method.options.variant=pfllib method.options.adaptive_alpha=false"
+    cfg = config(tmp_path, "apfl", f"{fixed} method.options.alpha=0")
+    client = APFLClient(make_setup(cfg, tmp_path / "zero"))
+    init = get_arrays(client.model, list(client.model.state_dict()))
+    sent, _, _ = client.fit([init[k] for k in client.split.shared], {"server-round": 1})
+    stored = client.setup.store.load(client.private_state_shapes())
+    for k, a in zip(client.split.shared, sent, strict=True):  # α = 0: v is the trained w
+        np.testing.assert_array_equal(stored[V_PREFIX + k], a)
+
+    cfg = config(tmp_path, "apfl", f"{fixed} method.options.alpha=0.5")  # logit-mix would use w
+    client = APFLClient(make_setup(cfg, tmp_path / "one"))
+    client.fit([init[k] for k in client.split.shared], {"server-round": 1})
+    evaluated = APFLClient(make_setup(cfg, tmp_path / "one"))  # the next message: v from the store
+    zeros = [np.zeros_like(init[k]) for k in evaluated.split.shared]
+    received = evaluated.evaluate(zeros, {"server-round": 1})  # a useless w changes nothing ...
+    again = evaluated.evaluate([init[k] for k in evaluated.split.shared], {"server-round": 1})
+    assert received == again  # ... the prediction is v's alone
+
+
+def test_apfl_variants_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"method\.options\.variant"):
+        load_config({"method": "apfl", "overrides": "method.options.variant=paper"})
 
 
 # ----------------------------------------------------------------------------- Per-FedAvg
