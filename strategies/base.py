@@ -460,7 +460,7 @@ class PersonalizedStrategy(Federation):
             else:  # the previous round's evaluation rides along
                 replies = self.exchange(grid, fuse(messages, pending.messages), timeout)
                 train_replies, eval_replies = split(
-                    replies, plan.addresses(), pending.plan.addresses(), self.who
+                    replies, plan.addresses(), pending.plan.addresses(), self._failed
                 )
                 closed = self.close_round(pending, eval_replies, result, closed)
             arrays, train_metrics = self.aggregate_train(plan, train_replies)

@@ -66,12 +66,16 @@ def fuse(train: list[Message], evaluate: list[Message]) -> list[Message]:
 
 
 def split(
-    replies: Replies, trained: Iterable[int], evaluated: Iterable[int], who: Callable[[int], str]
+    replies: Replies,
+    trained: Iterable[int],
+    evaluated: Iterable[int],
+    failed: Callable[[int, str, Replies], None],
 ) -> tuple[Replies, Replies]:
     """One pipelined exchange's replies as (training replies, evaluation replies). ``trained`` /
     ``evaluated``: the addresses asked to train / to evaluate. A pipelined reply counts for both;
     one without its :data:`~fedvit.wire.EVAL_METRICS` is an evaluation failure of its client,
-    named by ``who(address)`` as the exchange names its failures."""
+    recorded by ``failed(address, reason, evaluation replies)``, the exchange's own recorder
+    (:meth:`~strategies.federation.Federation._failed`: one line naming the client, and a warning)."""
     train, ev = Replies([], []), Replies([], [])
     trained, evaluated = set(trained), set(evaluated)
     for msg in replies.ok:
@@ -85,8 +89,7 @@ def split(
         if EVAL_METRICS in msg.content.metric_records:
             ev.ok.append(msg)
         else:
-            ev.failures.append(f"{who(address)}: its pipelined reply has no {EVAL_METRICS}")
-            ev.failed.append(address)
+            failed(address, f"its pipelined reply has no {EVAL_METRICS}", ev)
     for line, address in zip(replies.failures, replies.failed, strict=True):
         for part, asked in ((train, trained), (ev, evaluated)):
             if address in asked:

@@ -89,7 +89,12 @@ def test_each_failure_counts_for_what_its_message_asked() -> None:
     replies = Replies(ok, ["client 2: disk full", "client 4: no reply"], [-3, -5])
     for reply, address in zip(ok, (-1, -2, -4), strict=True):
         reply.metadata.__dict__["_src_node_id"] = address  # as the exchange re-addresses them
-    train_part, eval_part = split(replies, {-1, -2, -3}, {-1, -2, -4, -5}, lambda a: f"client {-a}")
+
+    def failed(address: int, reason: str, part: Replies) -> None:  # as Federation._failed records
+        part.failures.append(f"client {-address}: {reason}")
+        part.failed.append(address)
+
+    train_part, eval_part = split(replies, {-1, -2, -3}, {-1, -2, -4, -5}, failed)
     assert [m.metadata.src_node_id for m in train_part.ok] == [-1, -2]
     assert train_part.failed == [-3]  # -3 trained only; -5 evaluated only
     assert [m.metadata.src_node_id for m in eval_part.ok] == [-1, -4]
