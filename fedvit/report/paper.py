@@ -194,7 +194,7 @@ def paper_rows(
         "order_ours": [label(r) for r in sorted(compared, key=lambda r: (r["rank_ours"], r["fedvit"]))],
         "order_paper": [label(r) for r in sorted(compared, key=lambda r: (r["rank_paper"], r["fedvit"]))],
         "without_paper_value": {
-            r["fedvit"]: paper.not_in_paper.get(r["fedvit"], "not in the paper")
+            r["fedvit"]: _without_paper_value(r["fedvit"], groups[(r["fedvit"], r["dataset"])], paper)
             for r in rows
             if r not in compared
         },
@@ -203,6 +203,19 @@ def paper_rows(
         ],
     }
     return rows, info
+
+
+def _without_paper_value(name: str, runs: Sequence[Mapping[str, Any]], paper: PaperTable) -> str:
+    """Why row ``name`` has no paper value: the table's own note, or, for a labelled row of a
+    sweep (another configuration of a method, e.g. ``fedbabu-authors``), the method it runs."""
+    if name in paper.not_in_paper:
+        return paper.not_in_paper[name]
+    methods = {str(r.get("method")) for r in runs}
+    if len(methods) == 1 and (method := methods.pop()) != name:
+        known = paper.methods.get(method)
+        of = f"{method}, the paper's {known.paper_name}" if known else method
+        return f"another configuration of {of} (run label {name}); outside the ranks"
+    return "not in the paper"
 
 
 def _per_seed(
