@@ -43,6 +43,7 @@ import copy
 import itertools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -62,6 +63,9 @@ from fedvit.training import (
     make_loader,
     make_optimizer,
 )
+
+if TYPE_CHECKING:
+    from fedvit.config import FedvitConfig
 
 V_PREFIX = "apfl.v."
 ALPHA_KEY = "apfl.alpha"
@@ -223,15 +227,18 @@ class APFLClient(PartialClient):
             self.alpha = float(np.asarray(arrays[ALPHA_KEY]).reshape(-1)[0])
 
     @staticmethod
-    def adjust_resources(resources: dict[str, float], model: nn.Module) -> dict[str, float]:
+    def adjust_resources(
+        resources: dict[str, float], model: nn.Module, cfg: FedvitConfig
+    ) -> dict[str, float]:
         """APFL's real footprint from the split-based counts of
         :func:`fedvit.evaluation.resource_counts`: each client also stores ``v_i`` (a whole model)
-        and ``α_i``, and a prediction runs both models."""
+        and ``α_i``, and a prediction runs both models (``pfllib``: ``v_i`` alone)."""
         extra = sum(t.numel() for t in model.state_dict().values()) + 1
         out = dict(resources)
         out["params_stored_per_client"] += extra
         out["params_private_per_client"] += extra
-        out["flops_per_sample"] *= 2
+        if method_options(cfg)[0].variant != "pfllib":
+            out["flops_per_sample"] *= 2
         return out
 
     # ------------------------------------------------------------------ training / evaluation

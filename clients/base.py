@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from flwr.client import NumPyClient
@@ -30,6 +30,9 @@ from fedvit.export import ExportPolicy
 from fedvit.params import check_arrays, get_arrays, set_arrays
 from fedvit.registry import method_options, register_client
 from fedvit.training import EvalResult, TrainResult, evaluate, make_loader, train_local
+
+if TYPE_CHECKING:
+    from fedvit.config import FedvitConfig
 
 
 @contextmanager
@@ -125,8 +128,10 @@ class PartialClient(NumPyClient):
     # ------------------------------------------------------------------ resources
 
     @staticmethod
-    def adjust_resources(resources: dict[str, float], model: nn.Module) -> dict[str, float]:
-        """The method's real footprint, from the split-based counts of
+    def adjust_resources(
+        resources: dict[str, float], model: nn.Module, cfg: FedvitConfig
+    ) -> dict[str, float]:
+        """The method's real footprint under ``cfg``, from the split-based counts of
         :func:`fedvit.evaluation.resource_counts` (the server reports what this returns).
         Methods that store or compute more than their model split (APFL) override it."""
         return resources

@@ -83,7 +83,7 @@ def run(grid: Grid, cfg: FedvitConfig) -> Path:
     resources = resource_counts(model, split, example_input(cfg))
     full = count(split.shapes(model, "shared")) + count(split.shapes(model, "private"))
     resources["params_model"] = full
-    resources = get_client(cfg.method.client).adjust_resources(resources, model)
+    resources = get_client(cfg.method.client).adjust_resources(resources, model, cfg)
     resources.update(strategy.server_resources())
     recorder.set_resources(resources)
     log(

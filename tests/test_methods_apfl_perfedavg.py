@@ -235,11 +235,13 @@ def test_apfl_resources_count_the_private_model_and_both_forwards() -> None:
     split = ParameterSplit.from_model(model, [])
     base = resource_counts(model, split, (1, 16, 16))
     n = sum(t.numel() for t in model.state_dict().values())
-    adjusted = APFLClient.adjust_resources(base, model)
+    adjusted = APFLClient.adjust_resources(base, model, load_config({"method": "apfl"}))
     assert adjusted["params_private_per_client"] == n + 1  # v_i and alpha_i
     assert adjusted["params_stored_per_client"] == 2 * n + 1
     assert adjusted["params_sent_up_per_round"] == n  # w only
     assert adjusted["flops_per_sample"] == 2 * base["flops_per_sample"]
+    pfllib = load_config({"method": "apfl", "overrides": "method.options.variant=pfllib"})
+    assert APFLClient.adjust_resources(base, model, pfllib)["flops_per_sample"] == base["flops_per_sample"]
 
 
 def test_apfl_with_alpha_zero_is_fedavg(tmp_path: Path) -> None:
