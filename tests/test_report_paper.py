@@ -308,6 +308,31 @@ def test_another_configuration_of_a_paper_method_is_a_row_outside_the_ranks(tmp_
     )
 
 
+def test_a_paper_row_can_compare_another_configuration_and_the_usual_runs_keep_a_row(tmp_path: Path) -> None:
+    fake_run(tmp_path / "table", "fedavg", 0, [0.5, 0.6])
+    fake_run(tmp_path / "table", "fedper", 0, [0.5, 0.8])
+    fake_run(tmp_path / "authors", "fedavg", 0, [0.5, 0.9])
+    for sweep, names in (("table", ["fedavg", "fedper"]), ("authors", ["fedavg-authors"])):
+        runs = [{"name": f"{n.split('-')[0]}-s0", "label": n} for n in names]
+        (tmp_path / sweep / "sweep.json").write_text(json.dumps({"runs": runs}))
+    sweeps = [tmp_path / "table", tmp_path / "authors"]
+    rows, text = report_methods(
+        sweeps, paper="fedperfix-table2", paper_rows_from={"FedAvg": "fedavg-authors"}
+    )
+    assert [(r["method"], r["fedvit"], r["rank_ours"]) for r in rows] == [
+        ("FedAvg", "fedavg-authors", 1),  # 90% against FedRep's 80%
+        ("FedRep", "fedper", 2),
+        ("", "fedavg", None),
+    ]
+    assert "- fedavg: the paper's FedAvg row compares fedavg-authors here (--paper-row)" in text
+    with pytest.raises(ReportError, match="FedAvgX not in fedperfix-table2"):
+        report_methods(sweeps, paper="fedperfix-table2", paper_rows_from={"FedAvgX": "fedavg-authors"})
+    with pytest.raises(ReportError, match="no completed runs of fedavg-tuned"):
+        report_methods(sweeps, paper="fedperfix-table2", paper_rows_from={"FedAvg": "fedavg-tuned"})
+    with pytest.raises(ReportError, match="two of the paper's rows would take the same runs"):
+        report_methods(sweeps, paper="fedperfix-table2", paper_rows_from={"FedAvg": "fedper"})
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -330,6 +355,8 @@ def test_cli_prints_the_side_by_side_table(tmp_path: Path, capsys) -> None:
         (["--paper", "fedperfix-table2", "--paper-dataset", "svhn"], "has no column 'svhn'"),
         (["--paper-dataset", "organamnist"], "--paper-dataset needs --paper"),
         (["--paper", "fedperfix-table2", "--select", "best-val"], "report the last round"),
+        (["--paper", "fedperfix-table2", "--paper-row", "FedBABU"], "give NAME=LABEL"),
+        (["--paper-row", "FedBABU=fedbabu-authors"], "--paper-row needs --paper"),
     ],
 )
 def test_cli_bad_paper_arguments_exit_2_with_one_line(tmp_path: Path, capsys, args, error) -> None:

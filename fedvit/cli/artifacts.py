@@ -47,6 +47,14 @@ def add_report(sub: argparse._SubParsersAction) -> None:
         help="the paper's column to compare with (default: the one holding the runs' dataset)",
     )
     p.add_argument(
+        "--paper-row",
+        action="append",
+        default=[],
+        metavar="NAME=LABEL",
+        help="compare the paper's method NAME with the runs of another method or run label (e.g. "
+        "FedBABU=fedbabu-authors); its usual runs stay in the table without a paper value; repeatable",
+    )
+    p.add_argument(
         "--curves",
         type=Path,
         metavar="FILE.png",
@@ -59,12 +67,22 @@ def add_report(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from fedvit.report import ReportError, collect, report_methods, to_csv, to_markdown
 
-    if args.paper or args.curves or args.paper_dataset:  # runs grouped by method over seeds
+    if args.paper or args.curves or args.paper_dataset or args.paper_row:  # grouped by method over seeds
         try:
             if args.select != "last":
                 raise ReportError("--paper and --curves report the last round (--select last)")
+            rows_from = {}
+            for item in args.paper_row:
+                name, sep, label = item.partition("=")
+                if not (sep and name.strip() and label.strip()):
+                    raise ReportError(f"--paper-row {item!r}: give NAME=LABEL, e.g. FedBABU=fedbabu-authors")
+                rows_from[name.strip()] = label.strip()
             rows, text = report_methods(
-                args.run_dirs, paper=args.paper, paper_dataset=args.paper_dataset, curves=args.curves
+                args.run_dirs,
+                paper=args.paper,
+                paper_dataset=args.paper_dataset,
+                paper_rows_from=rows_from,
+                curves=args.curves,
             )
         except ReportError as err:
             eprint(f"error: {err}")

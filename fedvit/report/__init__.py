@@ -33,6 +33,7 @@ from fedvit.report.paper import (
     paper_markdown,
     paper_names,
     paper_rows,
+    with_rows,
 )
 from fedvit.report.runs import (
     SELECTIONS,
@@ -74,6 +75,7 @@ __all__ = [
     "sweep_labels",
     "to_csv",
     "to_markdown",
+    "with_rows",
     "write_curves",
 ]
 
@@ -95,16 +97,27 @@ def report_methods(
     *,
     paper: str | Path | None = None,
     paper_dataset: str | None = None,
+    paper_rows_from: Mapping[str, str] | None = None,
     curves: Path | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
     """``fedvit report --paper/--curves``: the runs of ``paths`` (run or sweep directories) grouped
     by method over seeds; with ``paper`` the side-by-side table (:func:`paper_markdown`), else the
-    table over seeds; with ``curves`` also the accuracy-vs-round figure. (rows, text)."""
-    if paper_dataset is not None and paper is None:
-        raise ReportError("--paper-dataset needs --paper")
+    table over seeds; with ``curves`` also the accuracy-vs-round figure. ``paper_rows_from``: paper
+    method name -> the method or run label compared with it instead (:func:`with_rows`). (rows, text)."""
+    for given, flag in (
+        (paper_dataset is not None, "--paper-dataset"),
+        (bool(paper_rows_from), "--paper-row"),
+    ):
+        if given and paper is None:
+            raise ReportError(f"{flag} needs --paper")
     table = load_paper(paper) if paper is not None else None  # a bad name fails before any run is read
+    if table is not None and paper_rows_from:
+        table = with_rows(table, paper_rows_from)
     dirs, notes = expand_run_dirs(paths)
     groups = finished_runs(dirs, sweep_labels(paths))
+    missing = sorted(set((paper_rows_from or {}).values()) - {name for name, _ in groups})
+    if missing:
+        raise ReportError(f"--paper-row: no completed runs of {', '.join(missing)}")
     if table is not None:
         rows, info = paper_rows(groups, table, paper_dataset)
         text = paper_markdown(rows, info)

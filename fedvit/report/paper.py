@@ -5,7 +5,7 @@ orders and Kendall's τ (:func:`paper_rows`, :func:`paper_markdown`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,29 @@ class PaperTable:
     columns: dict[str, tuple[str, tuple[str, ...]]]  # key -> (title, fedvit dataset names)
     methods: dict[str, PaperMethod]  # fedvit method name -> the paper's numbers
     not_in_paper: dict[str, str] = field(default_factory=dict)  # fedvit method -> why no value
+
+
+def with_rows(paper: PaperTable, rows: Mapping[str, str]) -> PaperTable:
+    """``paper`` with some of its methods compared with other runs: ``rows`` maps the paper's method
+    name (``FedBABU``) to the fedvit method or run label whose runs take its row
+    (``fedbabu-authors``). The method that held the row keeps its runs' row, without a paper value.
+    An unknown paper method, or two rows given the same runs, is a :class:`ReportError`."""
+    by_name = {m.paper_name: key for key, m in paper.methods.items()}
+    unknown = sorted(set(rows) - set(by_name))
+    if unknown:
+        raise ReportError(
+            f"--paper-row: {', '.join(unknown)} not in {paper.name} (its methods: {', '.join(by_name)})"
+        )
+    keys = {by_name[name]: label for name, label in rows.items()}
+    new_keys = [keys.get(k, k) for k in paper.methods]
+    if len(set(new_keys)) != len(new_keys):
+        raise ReportError("--paper-row: two of the paper's rows would take the same runs")
+    methods = {keys.get(k, k): m for k, m in paper.methods.items()}
+    moved = {
+        k: f"the paper's {paper.methods[k].paper_name} row compares {label} here (--paper-row)"
+        for k, label in keys.items()
+    }
+    return replace(paper, methods=methods, not_in_paper={**paper.not_in_paper, **moved})
 
 
 def paper_names() -> list[str]:
