@@ -135,7 +135,7 @@ def render(gaps: Sequence[SeedGap], a: str, b: str) -> str:
         d = pa - pb
         lines += [
             f"seed {g.seed}, round {g.round}: {a} {pa.mean():.2f}, {b} {pb.mean():.2f}, difference "
-            f"{d.mean():+.2f} points; Spearman ρ(rounds trained, {a} − {b}) = {g.rho:+.3f} (p = {g.p:.4f})",
+            f"{d.mean():+.2f} points; Spearman ρ(rounds trained, {a} − {b}) = {g.rho:+.3f} (p = {g.p:.2g})",
             f"| rounds trained | clients | {a} % | {b} % | {a} − {b} |",
             "|---|---|---|---|---|",
         ]
