@@ -44,10 +44,9 @@ def with_rows(paper: PaperTable, rows: Mapping[str, str]) -> PaperTable:
             f"--paper-row: {', '.join(unknown)} not in {paper.name} (its methods: {', '.join(by_name)})"
         )
     keys = {by_name[name]: label for name, label in rows.items()}
-    new_keys = [keys.get(k, k) for k in paper.methods]
-    if len(set(new_keys)) != len(new_keys):
-        raise ReportError("--paper-row: two of the paper's rows would take the same runs")
     methods = {keys.get(k, k): m for k, m in paper.methods.items()}
+    if len(methods) != len(paper.methods):  # two rows landed on one key
+        raise ReportError("--paper-row: two of the paper's rows would take the same runs")
     moved = {
         k: f"the paper's {paper.methods[k].paper_name} row compares {label} here (--paper-row)"
         for k, label in keys.items()
