@@ -80,9 +80,10 @@ class FedBABUClient(PartialClient):
             train_local(self.model, loader, self.cfg.train, self.device, params=params, **length)
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
-        self.set_parameters(parameters)  # the state to return to: the received model, initial head
-        before = get_arrays(self.model, self._finetuned())
+        head = get_arrays(self.model, self.split.private)
         try:
             return super().evaluate(parameters, config)
-        finally:
-            set_arrays(self.model, before)  # the fine-tuned copy is used for this evaluation only
+        finally:  # the fine-tuned copy is used for this evaluation only
+            set_arrays(self.model, head)
+            if self.options.finetune == "all":
+                self.set_parameters(parameters)  # the body back to the received model
