@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,11 +92,8 @@ def pair(a: Mapping[str, Any], b: Mapping[str, Any], where: str, rnd: int | None
     if set(acc_a) != set(acc_b):
         raise ReportError(f"{where}: the runs evaluated different clients at round {rnd}")
     clients = sorted(acc_a, key=lambda c: (len(c), c))
-    counts: dict[str, int] = {}
-    for trained_now in sa:
-        for c in trained_now:
-            counts[c] = counts.get(c, 0) + 1
-    trained = np.array([counts.get(c, 0) for c in clients])
+    counts = Counter(c for trained_now in sa for c in trained_now)
+    trained = np.array([counts[c] for c in clients])
     va, vb = np.array([acc_a[c] for c in clients]), np.array([acc_b[c] for c in clients])
     if np.ptp(trained) == 0 or np.ptp(va - vb) == 0:  # ρ is undefined for a constant
         rho, p = float("nan"), float("nan")
