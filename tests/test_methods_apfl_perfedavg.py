@@ -74,6 +74,13 @@ def ce_grad(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.
     return d.T @ x, d.sum(0)
 
 
+def two_linear_models() -> tuple[nn.Linear, nn.Linear, torch.Tensor, torch.Tensor]:
+    """Seeded ``w`` and ``v`` (3 -> 2 linear layers) and a batch ``(x, y)`` of 5 for one APFL step."""
+    torch.manual_seed(0)
+    w, v = nn.Linear(3, 2), nn.Linear(3, 2)
+    return w, v, torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+
+
 def config(tmp_path: Path, method: str, extra: str = ""):
     return load_config({"method": method, "overrides": f"{TINY} data.cache_dir={CACHE} {extra}"})
 
@@ -114,9 +121,7 @@ def test_apfl_predicts_with_the_alpha_mix_of_the_two_models_logits() -> None:
 
 
 def test_apfl_step_trains_w_on_its_own_loss_and_v_and_alpha_on_the_mixed_loss() -> None:
-    torch.manual_seed(0)
-    w, v = nn.Linear(3, 2), nn.Linear(3, 2)
-    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    w, v, x, y = two_linear_models()
     alpha, lr, alpha_lr = 0.3, 0.5, 0.2
     w0, wb0, v0, vb0 = (t.detach().clone() for t in (w.weight, w.bias, v.weight, v.bias))
 
@@ -259,9 +264,7 @@ def test_apfl_with_alpha_zero_is_fedavg(tmp_path: Path) -> None:
 
 
 def test_pfllib_step_trains_each_model_on_its_own_loss_and_moves_alpha_along_their_gap() -> None:
-    torch.manual_seed(0)
-    w, v = nn.Linear(3, 2), nn.Linear(3, 2)
-    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    w, v, x, y = two_linear_models()
     alpha, lr, alpha_lr = 0.3, 0.5, 0.2
     w0, wb0, v0, vb0 = (t.detach().clone() for t in (w.weight, w.bias, v.weight, v.bias))
 

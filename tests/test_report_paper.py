@@ -289,14 +289,21 @@ def test_a_sweep_of_one_method_in_several_configurations_is_grouped_by_its_run_l
         report_methods([tmp_path / "full" / "fedavg-s0", tmp_path / "probe" / "fedavg-s0"])
 
 
-def test_another_configuration_of_a_paper_method_is_a_row_outside_the_ranks(tmp_path: Path) -> None:
+def table_and_authors(tmp_path: Path) -> list[Path]:
+    """Two sweeps: ``table`` (FedAvg 60%, FedPer 80%) and ``authors``, another configuration of
+    FedAvg labelled ``fedavg-authors`` (90%); seed 0 each."""
     fake_run(tmp_path / "table", "fedavg", 0, [0.5, 0.6])
     fake_run(tmp_path / "table", "fedper", 0, [0.5, 0.8])
     fake_run(tmp_path / "authors", "fedavg", 0, [0.5, 0.9])
     for sweep, names in (("table", ["fedavg", "fedper"]), ("authors", ["fedavg-authors"])):
         runs = [{"name": f"{n.split('-')[0]}-s0", "label": n} for n in names]
         (tmp_path / sweep / "sweep.json").write_text(json.dumps({"runs": runs}))
-    rows, text = report_methods([tmp_path / "table", tmp_path / "authors"], paper="fedperfix-table2")
+    return [tmp_path / "table", tmp_path / "authors"]
+
+
+def test_another_configuration_of_a_paper_method_is_a_row_outside_the_ranks(tmp_path: Path) -> None:
+    sweeps = table_and_authors(tmp_path)
+    rows, text = report_methods(sweeps, paper="fedperfix-table2")
     assert [(r["fedvit"], r["rank_ours"]) for r in rows] == [
         ("fedavg", 2),
         ("fedper", 1),
@@ -309,13 +316,7 @@ def test_another_configuration_of_a_paper_method_is_a_row_outside_the_ranks(tmp_
 
 
 def test_a_paper_row_can_compare_another_configuration_and_the_usual_runs_keep_a_row(tmp_path: Path) -> None:
-    fake_run(tmp_path / "table", "fedavg", 0, [0.5, 0.6])
-    fake_run(tmp_path / "table", "fedper", 0, [0.5, 0.8])
-    fake_run(tmp_path / "authors", "fedavg", 0, [0.5, 0.9])
-    for sweep, names in (("table", ["fedavg", "fedper"]), ("authors", ["fedavg-authors"])):
-        runs = [{"name": f"{n.split('-')[0]}-s0", "label": n} for n in names]
-        (tmp_path / sweep / "sweep.json").write_text(json.dumps({"runs": runs}))
-    sweeps = [tmp_path / "table", tmp_path / "authors"]
+    sweeps = table_and_authors(tmp_path)
     rows, text = report_methods(
         sweeps, paper="fedperfix-table2", paper_rows_from={"FedAvg": "fedavg-authors"}
     )
